@@ -1,0 +1,186 @@
+"""Ready-to-use optimizers: estimator, decoupled weight decay, learning rate.
+
+Each alias is ``optax.chain(estimator, add_decayed_weights, scale_by_learning_rate)``,
+so its state is a tuple whose first entry is the estimator's
+:class:`~hizoo_jax.estimator.ZOState`. Options that shape the computation
+(``num_queries``, ``min_dim_size_to_factor``, ``hessian_dtype``) default to None
+so that ``optax.inject_hyperparams`` leaves them static.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from hizoo_jax import estimator as _estimator
+from hizoo_jax.estimator import ScalarOrSchedule
+
+
+def _decay_mask(weight_decay_mask, trainable_mask):
+  """Decay only trainable leaves with ndim >= 2 (not biases or norm scales)."""
+  if weight_decay_mask is not None:
+    return weight_decay_mask
+
+  def mask_fn(params):
+    allowed = trainable_mask
+    if allowed is None:
+      allowed = jax.tree.map(lambda _: True, params)
+    elif callable(allowed):
+      allowed = allowed(params)
+    return jax.tree.map(
+        lambda x, keep: bool(keep) and jnp.ndim(x) >= 2
+        and jnp.issubdtype(jnp.result_type(x), jnp.floating),
+        params, allowed)
+
+  return mask_fn
+
+
+def _tail(learning_rate, weight_decay, weight_decay_mask, mask):
+  return (
+      optax.add_decayed_weights(
+          weight_decay, mask=_decay_mask(weight_decay_mask, mask)),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def hizoo(
+    learning_rate: ScalarOrSchedule,
+    mu: ScalarOrSchedule = 1e-3,
+    hessian_smooth: ScalarOrSchedule = 1e-6,
+    weight_decay: ScalarOrSchedule = 0.0,
+    key=0,
+    *,
+    estimator: str = "paper",
+    factored: bool = False,
+    min_dim_size_to_factor: Optional[int] = None,
+    num_queries: Optional[int] = None,
+    mask=None,
+    hessian_dtype=None,
+    weight_decay_mask=None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""HiZOO: Hessian-informed zeroth-order optimizer (arXiv 2402.15173).
+
+  .. math::
+    \theta \leftarrow \theta - \eta\,(g\, z\, H^{-1/2} + \lambda \theta)
+
+  with g, z and H as in :func:`hizoo_jax.scale_by_hizoo`; weight decay
+  lambda is decoupled and by default spares leaves with ndim < 2.
+
+  Args:
+    learning_rate: eta, a float or an optax schedule.
+    mu: perturbation scale (float or schedule).
+    hessian_smooth: EMA rate of H in [0, 1] (float or schedule).
+    weight_decay: lambda (float or schedule).
+    key: seed or PRNG key for the noise.
+    estimator: ``"paper"`` or ``"reference"`` (see ``scale_by_hizoo``).
+    factored: keep H factored (HiZOO-L); see also :func:`hizoo_l`.
+    min_dim_size_to_factor: smallest factored axis (None: 128).
+    num_queries: perturbations averaged per step (None: 1).
+    mask: tree of bools or callable; False leaves are frozen.
+    hessian_dtype: dtype of H (None: float32).
+    weight_decay_mask: override of the default decay mask.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs
+    ``value_fn``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, hizoo_jax as hz
+    >>> params = {"w": jnp.ones((2, 2))}
+    >>> loss = lambda p: jnp.sum(p["w"] ** 2)
+    >>> tx = hz.hizoo(learning_rate=1e-2, mu=1e-3, hessian_smooth=1e-2)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(None, state, params, value_fn=loss)
+    >>> params = optax.apply_updates(params, updates)
+  """
+  return optax.chain(
+      _estimator.scale_by_hizoo(
+          mu, hessian_smooth, estimator=estimator, factored=factored,
+          min_dim_size_to_factor=(
+              128 if min_dim_size_to_factor is None else min_dim_size_to_factor),
+          num_queries=1 if num_queries is None else num_queries,
+          mask=mask, key=key,
+          hessian_dtype=jnp.float32 if hessian_dtype is None else hessian_dtype),
+      *_tail(learning_rate, weight_decay, weight_decay_mask, mask),
+  )
+
+
+def hizoo_l(
+    learning_rate: ScalarOrSchedule,
+    mu: ScalarOrSchedule = 1e-3,
+    hessian_smooth: ScalarOrSchedule = 1e-6,
+    weight_decay: ScalarOrSchedule = 0.0,
+    key=0,
+    *,
+    estimator: str = "paper",
+    min_dim_size_to_factor: Optional[int] = None,
+    num_queries: Optional[int] = None,
+    mask=None,
+    hessian_dtype=None,
+    weight_decay_mask=None,
+) -> optax.GradientTransformationExtraArgs:
+  """HiZOO-L: :func:`hizoo` with row/column factored curvature.
+
+  Matrices whose two largest axes have at least ``min_dim_size_to_factor``
+  (default 128) entries keep ``m + n`` curvature numbers instead of ``m * n``.
+  Arguments as in :func:`hizoo`.
+
+  Example:
+    >>> import jax.numpy as jnp, hizoo_jax as hz
+    >>> tx = hz.hizoo_l(1e-2, min_dim_size_to_factor=2)
+    >>> state = tx.init({"w": jnp.ones((4, 3))})
+    >>> state[0].hessian["w"].row.shape, state[0].hessian["w"].col.shape
+    ((4,), (3,))
+  """
+  return hizoo(
+      learning_rate, mu, hessian_smooth, weight_decay, key,
+      estimator=estimator, factored=True,
+      min_dim_size_to_factor=min_dim_size_to_factor, num_queries=num_queries,
+      mask=mask, hessian_dtype=hessian_dtype,
+      weight_decay_mask=weight_decay_mask)
+
+
+def mezo(
+    learning_rate: ScalarOrSchedule,
+    mu: ScalarOrSchedule = 1e-3,
+    weight_decay: ScalarOrSchedule = 0.0,
+    key=0,
+    *,
+    num_queries: Optional[int] = None,
+    mask=None,
+    weight_decay_mask=None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""MeZO (ZO-SGD, arXiv 2305.17333): the two-evaluation baseline.
+
+  .. math::
+    \theta \leftarrow \theta - \eta\,(g z + \lambda \theta),\quad
+    g = \frac{L(\theta + \mu z) - L(\theta - \mu z)}{2 \mu}
+
+  Args:
+    learning_rate: eta (float or schedule).
+    mu: perturbation scale (float or schedule).
+    weight_decay: lambda (float or schedule), decoupled, ndim >= 2 leaves.
+    key: seed or PRNG key for the noise.
+    num_queries: perturbations averaged per step (None: 1).
+    mask: tree of bools or callable; False leaves are frozen.
+    weight_decay_mask: override of the default decay mask.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, hizoo_jax as hz
+    >>> tx = hz.mezo(learning_rate=1e-2)
+    >>> params = {"w": jnp.ones(3)}
+    >>> updates, state = tx.update(
+    ...     None, tx.init(params), params, value_fn=lambda p: p["w"] @ p["w"])
+  """
+  return optax.chain(
+      _estimator.scale_by_mezo(
+          mu, num_queries=1 if num_queries is None else num_queries,
+          mask=mask, key=key),
+      *_tail(learning_rate, weight_decay, weight_decay_mask, mask),
+  )

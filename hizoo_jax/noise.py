@@ -1,0 +1,111 @@
+"""Counter-based Gaussian noise that is never stored.
+
+Zeroth-order optimizers perturb every parameter with a standard normal sample
+``z`` and need the same ``z`` again later in the step. Storing it costs one copy
+of the parameters; drawing it with ``jax.random.normal`` costs about four (XLA:CPU
+materialises the threefry bits before converting them). Here ``z`` is a pure
+elementwise function of the element's global index and of a per-leaf seed:
+
+    seed  = hash(key words, step, query, crc32(leaf path))
+    bits  = mix(mix(index ^ seed_0) + seed_1)        # 32 random bits
+    u     = (bits >> 9 + 1/2) / 2**23                 # uniform on (0, 1)
+    z     = sqrt(2) * erfinv(2 u - 1)                 # standard normal
+
+``mix`` is a 32-bit integer finaliser (xor-shift and multiply, constants of the
+"lowbias32" hash). Every operation is elementwise, so XLA fuses the generator
+into whatever consumes ``z`` (no temporary buffer), and because the index is the
+element's global position the sample is bit-identical on any device mesh. The
+tails are truncated at |z| < 5.3 (23 bits of uniform resolution).
+
+A leaf may hold at most 2**32 elements (the index is 32 bits).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+_GOLDEN = 0x9E3779B9
+_MAX_ELEMENTS = 2**32
+
+
+def _u32(x):
+  return jnp.asarray(x).astype(jnp.uint32)
+
+
+def mix32(x: jax.Array) -> jax.Array:
+  """A bijective 32-bit integer hash with good avalanche (elementwise)."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def _combine(h: jax.Array, v: jax.Array) -> jax.Array:
+  """Hashes ``v`` into the running hash ``h`` (both uint32)."""
+  return mix32(h ^ (v + jnp.uint32(_GOLDEN) + (h << 6) + (h >> 2)))
+
+
+def path_hash(path) -> int:
+  """A stable 32-bit hash of a pytree key path (same in every process)."""
+  return zlib.crc32(jax.tree_util.keystr(path).encode("utf-8"))
+
+
+def key_words(key) -> jax.Array:
+  """Raw uint32 words of a PRNG key given as an int, a typed key or key data."""
+  if isinstance(key, (int, np.integer)):
+    return jax.random.key_data(jax.random.key(key)).astype(jnp.uint32)
+  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(key).astype(jnp.uint32).reshape(-1)
+  if key.ndim == 0:  # an integer seed held in an array (inject_hyperparams).
+    return jnp.stack([jnp.zeros((), jnp.uint32), key.astype(jnp.uint32)])
+  return key.astype(jnp.uint32).reshape(-1)
+
+
+def leaf_seed(words: jax.Array, count, query, leaf_hash: int) -> jax.Array:
+  """Two uint32 seeds for one leaf at one step and query, shape (2,)."""
+  h = jnp.uint32(0x243F6A88)
+  for i in range(words.shape[0]):
+    h = _combine(h, words[i])
+  h = _combine(h, _u32(count))
+  h = _combine(h, _u32(query))
+  h = _combine(h, jnp.uint32(leaf_hash))
+  return jnp.stack([h, mix32(h ^ jnp.uint32(_GOLDEN))])
+
+
+def _flat_index(shape) -> jax.Array:
+  """The row-major position of every element of ``shape``, as uint32."""
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    index = index + lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(
+        stride % _MAX_ELEMENTS)
+    stride *= shape[axis]
+  return index
+
+
+def gaussian(seed: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+  """Standard normal sample of ``shape`` from a (2,) uint32 ``seed``.
+
+  Args:
+    seed: the leaf's seed from :func:`leaf_seed`.
+    shape: the leaf's shape; at most 2**32 elements.
+    dtype: floating dtype of the result (computed in float32).
+
+  Returns:
+    An array of ``shape`` whose entries are i.i.d. N(0, 1) (to hash quality).
+  """
+  if int(np.prod(shape, dtype=np.int64)) > _MAX_ELEMENTS:
+    raise ValueError(
+        f"a leaf of shape {tuple(shape)} has more than 2**32 elements; the "
+        "noise generator indexes elements with 32 bits. Split the leaf.")
+  bits = mix32(mix32(_flat_index(shape) ^ seed[0]) + seed[1])
+  u = ((bits >> 9).astype(jnp.float32) + 0.5) * np.float32(2.0**-23)
+  z = np.float32(np.sqrt(2.0)) * lax.erf_inv(2.0 * u - 1.0)
+  return z.astype(dtype)
