@@ -192,10 +192,11 @@ def test_queries_use_distinct_noise():
   assert not np.allclose(z0, z1)
 
 
-def test_hessian_uses_zo_losses_bf16_like_float32():
-  """bf16 params: H in float32 evolves as for float32 params (same l, z)."""
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_params_keep_a_float32_hessian(dtype):
+  """bf16/fp16 params: H in float32 evolves as for float32 params (same l, z)."""
   params32 = make_params()
-  params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params32)
+  params16 = jax.tree.map(lambda x: x.astype(dtype), params32)
   tx = hz.scale_by_hizoo(MU, 1e-3, key=2)
   s16, s32 = tx.init(params16), tx.init(params32)
   assert all(h.dtype == jnp.float32 for h in jax.tree.leaves(s16.hessian))
@@ -204,7 +205,7 @@ def test_hessian_uses_zo_losses_bf16_like_float32():
     u16, s16 = tx.update(None, s16, params16, value_fn=rec)
     l0, lp, lm = rec.values
     _, s32 = tx.update(None, s32, params32, zo_losses=(l0, [lp], [lm]))
-    assert u16["w"].dtype == jnp.bfloat16
+    assert u16["w"].dtype == dtype
     params16 = optax.apply_updates(params16, jax.tree.map(lambda u: -0.01 * u, u16))
   for k in params32:
     np.testing.assert_allclose(s16.hessian[k], s32.hessian[k], rtol=1e-6)
