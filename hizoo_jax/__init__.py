@@ -1,9 +1,19 @@
 """hizoo_jax: Hessian-informed zeroth-order optimizers (HiZOO, HiZOO-L, MeZO).
 
-Optax gradient transformations that fine-tune without a backward pass.
+Optax gradient transformations that fine-tune without a backward pass, a
+memory-lean training step, sharding and checkpoint helpers, LoRA and Flax
+integrations. Flax and orbax-checkpoint are optional: they are imported when
+a function that needs them is called.
 """
 
+from hizoo_jax import lora
 from hizoo_jax.alias import hizoo, hizoo_l, mezo
+from hizoo_jax.checkpoint import (
+    CheckpointError,
+    all_steps,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from hizoo_jax.curvature import FactoredHessian
 from hizoo_jax.estimator import (
     Perturbation,
@@ -14,19 +24,43 @@ from hizoo_jax.estimator import (
     scale_by_mezo,
     step_noise,
 )
+from hizoo_jax.flax_utils import (
+    cast_floating,
+    linen_zo_step,
+    nnx_value_fn,
+    nnx_zo_step,
+)
+from hizoo_jax.lora import lora_init, lora_merge
+from hizoo_jax.sharding import abstract_state, init_sharded, state_shardings
+from hizoo_jax.train_step import make_train_step
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "FactoredHessian",
     "Perturbation",
     "PerturbationProbe",
     "ZOState",
+    "abstract_state",
+    "all_steps",
+    "cast_floating",
     "find_state",
     "hizoo",
     "hizoo_l",
+    "init_sharded",
+    "linen_zo_step",
+    "lora",
+    "lora_init",
+    "lora_merge",
+    "make_train_step",
     "mezo",
+    "nnx_value_fn",
+    "nnx_zo_step",
+    "restore_checkpoint",
+    "save_checkpoint",
     "scale_by_hizoo",
     "scale_by_mezo",
+    "state_shardings",
     "step_noise",
 ]

@@ -51,14 +51,31 @@ def factored_axes(shape, min_dim_size_to_factor: int) -> Optional[tuple[int, int
   return min(first, second), max(first, second)
 
 
-def init(shape, axes: Optional[tuple[int, int]], dtype) -> jax.Array | FactoredHessian:
-  """H_0 = 1, full or factored over ``axes``."""
+def _drop_axis(sharding, ndim: int, axis: int):
+  """An explicit ``sharding`` of a leaf, for the leaf without ``axis``."""
+  if sharding is None:
+    return None
+  entries = list(sharding.spec) + [None] * (ndim - len(sharding.spec))
+  del entries[axis]
+  return jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec(*entries))
+
+
+def init(shape, axes: Optional[tuple[int, int]], dtype,
+         sharding=None) -> jax.Array | FactoredHessian:
+  """H_0 = 1, full or factored over ``axes``.
+
+  ``sharding`` (the leaf's sharding over Explicit mesh axes, or None) places
+  H like the leaf, and each factor like the leaf without the removed axis.
+  """
   if axes is None:
-    return jnp.ones(shape, dtype)
+    return jnp.ones(shape, dtype, out_sharding=sharding)
   row_axis, col_axis = axes
   return FactoredHessian(
-      row=jnp.ones(np.delete(shape, col_axis), dtype),
-      col=jnp.ones(np.delete(shape, row_axis), dtype),
+      row=jnp.ones(np.delete(shape, col_axis), dtype,
+                   out_sharding=_drop_axis(sharding, len(shape), col_axis)),
+      col=jnp.ones(np.delete(shape, row_axis), dtype,
+                   out_sharding=_drop_axis(sharding, len(shape), row_axis)),
       row_axis=row_axis,
       col_axis=col_axis,
   )

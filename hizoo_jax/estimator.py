@@ -9,6 +9,7 @@ curvature estimate ``H`` kept in the state (:mod:`hizoo_jax.curvature`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -114,15 +115,19 @@ def _zo_estimator(
               jnp.shape(x),
               curvature.factored_axes(jnp.shape(x), min_dim) if factored else None,
               hessian_dtype,
+              noise.explicit_sharding(x),
           ) if keep else optax.MaskedNode()
           for x, keep in zip(leaves, trainable)
       ])
-    zero = jnp.zeros([], jnp.float32)
+    def zero():  # A distinct buffer per field, so the state can be donated.
+      return jnp.zeros([], jnp.float32)
+
     return ZOState(
         count=jnp.zeros([], jnp.int32),
         rng_key=noise.key_words(key),
         hessian=hessian,
-        loss=zero, loss_plus=zero, loss_minus=zero, projected_grad=zero,
+        loss=zero(), loss_plus=zero(), loss_minus=zero(),
+        projected_grad=zero(),
         skipped=jnp.zeros([], jnp.int32),
     )
 
@@ -151,9 +156,12 @@ def _zo_estimator(
     hashes = [noise.path_hash(p) for p in paths]
     mu_t = _at_step(mu, state.count)
 
-    def z(i, query):
+    def z(i, query, after=None):
       seed = noise.leaf_seed(state.rng_key, state.count, query, hashes[i])
-      return noise.gaussian(seed, jnp.shape(leaves[i]))
+      if after is not None:
+        seed = seed ^ (_zero_after(after) if jnp.ndim(after) else after)
+      return noise.gaussian(seed, jnp.shape(leaves[i]),
+                            sharding=noise.explicit_sharding(leaves[i]))
 
     def shift(tree, coeff, query):
       out = treedef.flatten_up_to(tree)
@@ -187,18 +195,25 @@ def _zo_estimator(
       second = jnp.where(finite, (plus - center) + (minus - center), 0.0)
       second = (second / (2 * mu_t**2)).astype(jnp.float32)  # (q,)
       new_hess = list(hess)
+      previous = None
       for i, keep in enumerate(trainable):
         if keep:
-          new_hess[i] = curvature.ema(
-              hess[i], _estimate(hess[i], second, functools.partial(z, i),
-                                 num_queries, reference), rate, reference)
+          new_hess[i] = _new_curvature(
+              hess[i], second, functools.partial(z, i), num_queries, rate,
+              reference, previous, (state.count >> 31).astype(jnp.uint32))
+          if isinstance(hess[i], curvature.FactoredHessian):
+            previous = new_hess[i].col
 
     out = []
     for i, (x, keep) in enumerate(zip(leaves, trainable)):
       if not keep:
         out.append(jnp.zeros_like(x))
         continue
-      direction = sum(grad_used[j] * z(i, j) for j in range(num_queries))
+      after = None
+      if with_curvature:
+        after = _updated_array(new_hess[i])
+      direction = sum(grad_used[j] * z(i, j, after)
+                      for j in range(num_queries))
       direction = direction / num_queries
       if with_curvature:
         direction = direction * lax.rsqrt(
@@ -250,6 +265,59 @@ def _losses(params, shift, value_fn, extra_args, num_queries, with_center):
     return center, plus[None], minus[None]
   plus, minus = lax.map(pair, jnp.arange(num_queries, dtype=jnp.uint32))
   return center, plus, minus
+
+
+def _zero_after(x):
+  """uint32 0 computed from the float ``x >= +0``: its sign bit.
+
+  Making a draw of z depend on ``x`` this way orders it after ``x`` and keeps
+  XLA from merging it with another draw of the same z: XLA would then store
+  the shared z (a parameter-sized buffer) instead of regenerating it.
+  """
+  if jnp.size(x) == 0:
+    return jnp.zeros([], jnp.uint32)
+  if noise.explicit_sharding(x) is not None:
+    # Explicit mesh axes forbid slicing one element out of a sharded array;
+    # an optimization barrier gives the same ordering without a collective.
+    return lax.optimization_barrier((x, jnp.zeros([], jnp.uint32)))[1]
+  # Index without jnp.ravel: reshaping a sharded array makes the SPMD
+  # partitioner all-gather it (a parameter-sized collective).
+  first = x[(0,) * jnp.ndim(x)].astype(jnp.float32)
+  return lax.bitcast_convert_type(first, jnp.uint32) >> 31
+
+
+def _updated_array(h):
+  """The array of a new H that the update's draw of z waits for."""
+  return h.col if isinstance(h, curvature.FactoredHessian) else h
+
+
+def _new_curvature(h, second, z_of_query, num_queries, rate, reference, after,
+                   zero):
+  """H after one EMA step; z is drawn afresh for every consumer.
+
+  Each draw is salted with a different zero (``zero``, from the step count,
+  which is never negative, or :func:`_zero_after` of an array), so none is
+  shared with ``shift``'s draw or the update's. The full H's draw must not
+  read H itself: its update would then not be elementwise, and XLA would
+  not write it in place. XLA:CPU stores the operand of a reduction, so the
+  factored form's row and column means are computed one after the other
+  (and after the previous factored leaf, ``after``): one leaf-sized
+  temporary at a time.
+  """
+  def estimate(order):
+    salt = order if jnp.ndim(order) == 0 else _zero_after(order)
+    # H as read by this estimate also waits for ``order``, so that XLA does
+    # not expand every leaf's factored H at once.
+    h_read = jax.tree.map(lambda a: jnp.where(salt == 0, a, 1), h)
+    return _estimate(h_read, second, lambda query: z_of_query(query, salt),
+                     num_queries, reference)
+
+  if not isinstance(h, curvature.FactoredHessian):
+    return curvature.ema(h, estimate(zero), rate, reference)
+  rows = curvature.ema(h, estimate(zero if after is None else after), rate,
+                       reference)
+  cols = curvature.ema(h, estimate(rows.row), rate, reference)
+  return dataclasses.replace(rows, col=cols.col)
 
 
 def _estimate(h, second, z_of_query, num_queries, reference):
@@ -408,6 +476,7 @@ def step_noise(state, params, *, query: int = 0):
       return None
     seed = noise.leaf_seed(zo_state.rng_key, zo_state.count, query,
                            noise.path_hash(path))
-    return noise.gaussian(seed, jnp.shape(x))
+    return noise.gaussian(seed, jnp.shape(x),
+                          sharding=noise.explicit_sharding(x))
 
   return jax.tree_util.tree_map_with_path(leaf_noise, params)

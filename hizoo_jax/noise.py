@@ -79,24 +79,46 @@ def leaf_seed(words: jax.Array, count, query, leaf_hash: int) -> jax.Array:
   return jnp.stack([h, mix32(h ^ jnp.uint32(_GOLDEN))])
 
 
-def _flat_index(shape) -> jax.Array:
+def explicit_sharding(x):
+  """``x``'s sharding if it is laid out over Explicit mesh axes, else None.
+
+  Passed as ``out_sharding`` to arrays built from a shape alone (noise, H_0),
+  so that under ``jax.set_mesh`` with Explicit axes they are created sharded
+  like the parameter instead of replicated on every device.
+  """
+  try:
+    sharding = jax.typeof(x).sharding
+  except (TypeError, AttributeError):
+    return None
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or not any(
+      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return None
+  return sharding
+
+
+def _flat_index(shape, sharding=None) -> jax.Array:
   """The row-major position of every element of ``shape``, as uint32."""
-  index = jnp.zeros(shape, jnp.uint32)
+  index = jnp.zeros(shape, jnp.uint32, out_sharding=sharding)
   stride = 1
   for axis in reversed(range(len(shape))):
-    index = index + lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(
-        stride % _MAX_ELEMENTS)
+    index = index + lax.broadcasted_iota(
+        jnp.uint32, shape, axis, out_sharding=sharding) * jnp.uint32(
+            stride % _MAX_ELEMENTS)
     stride *= shape[axis]
   return index
 
 
-def gaussian(seed: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+def gaussian(seed: jax.Array, shape, dtype=jnp.float32,
+             sharding=None) -> jax.Array:
   """Standard normal sample of ``shape`` from a (2,) uint32 ``seed``.
 
   Args:
     seed: the leaf's seed from :func:`leaf_seed`.
     shape: the leaf's shape; at most 2**32 elements.
     dtype: floating dtype of the result (computed in float32).
+    sharding: the parameter's sharding over Explicit mesh axes (see
+      :func:`explicit_sharding`), or None.
 
   Returns:
     An array of ``shape`` whose entries are i.i.d. N(0, 1) (to hash quality).
@@ -105,7 +127,7 @@ def gaussian(seed: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
     raise ValueError(
         f"a leaf of shape {tuple(shape)} has more than 2**32 elements; the "
         "noise generator indexes elements with 32 bits. Split the leaf.")
-  bits = mix32(mix32(_flat_index(shape) ^ seed[0]) + seed[1])
+  bits = mix32(mix32(_flat_index(shape, sharding) ^ seed[0]) + seed[1])
   u = ((bits >> 9).astype(jnp.float32) + 0.5) * np.float32(2.0**-23)
   z = np.float32(np.sqrt(2.0)) * lax.erf_inv(2.0 * u - 1.0)
   return z.astype(dtype)

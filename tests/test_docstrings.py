@@ -5,7 +5,8 @@ import importlib
 
 import pytest
 
-MODULES = ["hizoo_jax.estimator", "hizoo_jax.alias"]
+MODULES = ["hizoo_jax.estimator", "hizoo_jax.alias", "hizoo_jax.sharding",
+           "hizoo_jax.checkpoint", "hizoo_jax.train_step"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,0 +1,280 @@
+"""A zeroth-order training step with the memory of inference.
+
+:func:`make_train_step` runs one step of any optimizer that starts with a
+zeroth-order estimator (:func:`hizoo_jax.hizoo`, :func:`hizoo_jax.hizoo_l`,
+:func:`hizoo_jax.mezo`, or a chain around ``scale_by_hizoo`` /
+``scale_by_mezo``) in the order of the PyTorch originals: perturb the
+parameters in place, evaluate, move to the other side, evaluate, restore and
+update in place, with z regenerated from the key each time and never stored.
+
+How it stays in place under XLA, whose programs are functional (details and
+measurements in ``docs/performance.md``):
+
+* Parameters and optimizer state are donated, so the new values may reuse
+  their buffers.
+* The evaluation phases are the iterations of a ``lax.fori_loop`` whose carry
+  is the parameter tree (and the optimizer state). A while loop's carry lives
+  in one buffer, aliased to the donated input, and each move
+  ``theta + c * mu * s * z`` is an elementwise fusion written over it.
+* The step is compiled without while-loop-invariant code motion, and the
+  state passes through ``lax.optimization_barrier`` with the loop index, so
+  XLA does not hoist the parts of ``z`` or ``H^{-1/2}`` that do not change
+  between phases out of the loop (it would store them).
+* MeZO's last move (the restore) is left as an expression that XLA fuses into
+  the update: one pass, one draw of z. HiZOO restores inside the loop, since
+  the restore needs the old H and the update the new one.
+
+The update itself is the optimizer's own ``update`` fed with the measured
+losses (``zo_losses``), so the result equals the plain ``tx.update`` path up to
+the float rounding of the ``+mu, -2 mu, +mu`` round trip.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from hizoo_jax import _checks
+from hizoo_jax import estimator as _estimator
+
+Params = Any
+Batch = Any
+Metrics = dict[str, jax.Array]
+
+# XLA would hoist the loop-invariant parts of z (the element index, H^{-1/2})
+# out of the evaluation loop and store them: parameter-sized buffers.
+COMPILER_OPTIONS = {
+    "xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+def _perturbation(optimizer, opt_state, params) -> _estimator.Perturbation:
+  """The Perturbation of the step (the probe's other outputs are dead code)."""
+  probe = _estimator.PerturbationProbe()
+  optimizer.update(None, opt_state, params, zo_probe=probe)
+  if probe.perturbation is None:
+    raise ValueError(
+        "make_train_step needs an optimizer that contains a zeroth-order "
+        "estimator (hz.hizoo, hz.hizoo_l, hz.mezo or a chain with "
+        "hz.scale_by_hizoo / hz.scale_by_mezo); this one never asked for "
+        "the loss. For first-order optimizers use jax.grad.")
+  return probe.perturbation
+
+
+def _stored_deltas(shift, params, num_queries):
+  """``mu * s * z_j`` for every query, stacked (store_noise mode).
+
+  Returns a list with one entry per leaf: None where the shift leaves the leaf
+  unchanged (masked or frozen), else a float32 array of shape (q, *leaf).
+  """
+  zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params)
+  flat_zeros = jax.tree_util.tree_leaves(zeros)
+  per_query = [jax.tree_util.tree_leaves(shift(zeros, 1.0, j))
+               for j in range(num_queries)]
+  deltas = []
+  for i, zero in enumerate(flat_zeros):
+    if per_query[0][i] is zero:
+      deltas.append(None)
+    else:
+      deltas.append(jnp.stack([leaves[i] for leaves in per_query]))
+  return deltas
+
+
+def _add_stored(theta, deltas, terms):
+  """``theta + sum_k coeff_k * delta[query_k]`` on the perturbed leaves."""
+  leaves, treedef = jax.tree_util.tree_flatten(theta)
+  out = []
+  for x, delta in zip(leaves, deltas):
+    if delta is None:
+      out.append(x)
+      continue
+    total = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    for coeff, query in terms:
+      total = total + coeff * delta[query]
+    out.append(total.astype(x.dtype))
+  return treedef.unflatten(out)
+
+
+def _moves(num_queries):
+  """The parameter moves of one step, as (coeffs, queries) tables.
+
+  Move ``m`` adds ``sum_t coeffs[m, t] * mu s z_{queries[m, t]}``. The moves
+  are ``+z_0, -2 z_0, +z_0 + z_1, -2 z_1, ..., +z_{q-1}``: out to each query's
+  plus side, across to its minus side, and back (merged with the way out to
+  the next query). One term per move when q = 1, two otherwise.
+  """
+  if num_queries == 1:
+    return (np.array([[1.0], [-2.0], [1.0]], np.float32),
+            np.zeros((3, 1), np.int32))
+  coeffs, queries = [], []
+  for j in range(num_queries):
+    coeffs += [[1.0 if j else 0.0, 1.0], [0.0, -2.0]]
+    queries += [[max(j - 1, 0), j], [j, j]]
+  coeffs.append([1.0, 0.0])
+  queries.append([num_queries - 1, num_queries - 1])
+  return np.array(coeffs, np.float32), np.array(queries, np.int32)
+
+
+def _evaluate(optimizer, opt_state, params, batch, loss_fn, perturbation,
+              store_noise):
+  """Runs the evaluation phases in place.
+
+  HiZOO (L(theta) needed): ``2 q + 1`` phases, each evaluates then moves; the
+  last move restores theta. MeZO: ``2 q`` phases, each moves then evaluates;
+  the restore is left as an expression that XLA fuses into the update (it
+  draws the same z as the update, so one draw serves both). HiZOO cannot fuse
+  it: the restore needs the old H and the update the new one, and keeping
+  both costs a copy of H. MeZO with ``store_noise`` restores in the loop too
+  (its phase 0 only moves out). The loop carry holds the parameters, so
+  every move writes over the donated buffer.
+
+  Returns:
+    ``(center or None, plus (q,), minus (q,), restored, opt_state)`` where
+    ``restored`` is the parameters back at theta and ``opt_state`` the
+    unchanged state as the loop returns it (read it from there, not from the
+    input, or XLA copies donated buffers to feed the loop).
+  """
+  num_queries = perturbation.num_queries
+  center_first = perturbation.evaluates_center
+  # Where the restore goes (see the docstring); with stored noise the fused
+  # restore would keep the stored tree alive across the loop (two copies).
+  in_loop = center_first or bool(store_noise)
+  coeff_table, query_table = _moves(num_queries)
+
+  def loss_at(theta, where):
+    return _checks.check_loss(loss_fn(theta, batch), where)
+
+  deltas = None
+  if store_noise:
+    deltas = _stored_deltas(perturbation.shift, params, num_queries)
+
+  def move(theta, state, m):
+    coeffs = jnp.asarray(coeff_table)[m]
+    queries = jnp.asarray(query_table)[m]
+    terms = [(coeffs[t], queries[t]) for t in range(coeff_table.shape[1])]
+    if deltas is not None:
+      return _add_stored(theta, deltas, terms)
+    shift = _perturbation(optimizer, state, theta).shift
+    for coeff, query in terms:
+      theta = shift(theta, coeff, query)
+    return theta
+
+  def body(k, carry):
+    theta, losses, state = carry
+    # Opaque to XLA: z and H^{-1/2} stay inside the loop, never stored. The
+    # state rides in the carry so that the update reads the loop's output and
+    # XLA needs no copy of a donated H to feed the loop.
+    if in_loop:
+      if center_first:
+        loss = loss_at(theta, "a point of the step")
+      else:  # MeZO: phase 0 only moves out.
+        loss = lax.cond(k == 0, lambda t: jnp.zeros([], jnp.float32),
+                        lambda t: loss_at(t, "theta +/- mu*s*z"), theta)
+      # The move waits for the loss, which reads theta before it is moved:
+      # (l != l) & (l == l) is False, but XLA cannot prove it.
+      after_loss = ((loss != loss) & (loss == loss)).astype(k.dtype)
+      k_opaque, state = lax.optimization_barrier((k + after_loss, state))
+      losses = losses.at[k].set(loss)
+      theta = move(theta, state, k_opaque)
+    else:
+      k_opaque, state = lax.optimization_barrier((k, state))
+      theta = move(theta, state, k_opaque)
+      losses = losses.at[k].set(loss_at(theta, "theta +/- mu*s*z"))
+    return theta, losses, state
+
+  num_phases = 2 * num_queries + int(in_loop)
+  losses = jnp.zeros([num_phases], jnp.float32)
+  theta, losses, opt_state = lax.fori_loop(
+      0, num_phases, body, (params, losses, opt_state))
+  center = None
+  if in_loop:
+    center, losses = losses[0], losses[1:]
+    center = center if center_first else None
+    restored = theta
+  else:
+    restored = move(theta, opt_state, 2 * num_queries)
+  return center, losses[0::2], losses[1::2], restored, opt_state
+
+
+def make_train_step(
+    optimizer: optax.GradientTransformationExtraArgs,
+    loss_fn: Callable[[Params, Batch], jax.Array],
+    *,
+    store_noise: bool = False,
+    donate: bool = True,
+) -> Callable[[Params, Any, Batch], tuple[Params, Any, Metrics]]:
+  """A jitted zeroth-order step that needs the memory of inference.
+
+  The step evaluates ``loss_fn`` at the points the optimizer's estimator asks
+  for (HiZOO: theta, theta + mu s z, theta - mu s z; MeZO: the two sides),
+  moving the parameters in place between evaluations, then restores them and
+  applies the optimizer's update in the same pass. Peak memory is that of
+  ``loss_fn`` plus the optimizer state (H for HiZOO, Adam's moments in a chain
+  with ``optax.scale_by_adam``); see ``docs/performance.md``.
+
+  Args:
+    optimizer: an optax transformation containing one zeroth-order estimator
+      (an alias such as :func:`hizoo_jax.hizoo` or a chain starting with
+      :func:`hizoo_jax.scale_by_hizoo` / :func:`hizoo_jax.scale_by_mezo`).
+    loss_fn: ``loss_fn(params, batch)`` returning a float scalar.
+    store_noise: compute ``mu * s * z`` once per step and keep it (one float32
+      copy of the trainable parameters per query) instead of regenerating z
+      for each of the three moves. For accelerators with memory to spare;
+      the update still regenerates z.
+    donate: donate ``params`` and ``opt_state`` (needed for the in-place
+      schedule; the caller must not reuse the arrays it passed).
+
+  Returns:
+    ``step(params, opt_state, batch) -> (params, opt_state, metrics)``, a
+    ``jax.jit`` function. ``metrics`` holds ``loss`` (L(theta); MeZO: the
+    mean of the two sides), ``loss_plus``, ``loss_minus`` (means over
+    queries), ``projected_grad`` (mean of (l+ - l-) / (2 mu)) and
+    ``skipped`` (steps skipped so far for a non-finite loss).
+
+  Raises:
+    ValueError: (when traced) if the optimizer has no zeroth-order estimator,
+      or ``loss_fn`` does not return a scalar.
+    TypeError: (when traced) if ``loss_fn`` returns a non-float value.
+
+  Example:
+    >>> import jax.numpy as jnp, hizoo_jax as hz
+    >>> params = {"w": jnp.ones((2, 3))}
+    >>> loss_fn = lambda p, x: jnp.mean((x @ p["w"]) ** 2)
+    >>> tx = hz.hizoo(learning_rate=1e-3, mu=1e-3, hessian_smooth=1e-6)
+    >>> step = hz.make_train_step(tx, loss_fn)
+    >>> params, state, metrics = step(params, tx.init(params), jnp.ones((4, 2)))
+    >>> sorted(metrics)
+    ['loss', 'loss_minus', 'loss_plus', 'projected_grad', 'skipped']
+  """
+  if not callable(loss_fn):
+    raise TypeError(f"loss_fn must be callable, got {loss_fn!r}.")
+  if not hasattr(optimizer, "update") or not hasattr(optimizer, "init"):
+    raise TypeError(
+        "optimizer must be an optax GradientTransformation, got "
+        f"{optimizer!r}.")
+
+  def step(params, opt_state, batch):
+    _checks.check_params(params)
+    perturbation = _perturbation(optimizer, opt_state, params)
+    center, plus, minus, restored, opt_state = _evaluate(
+        optimizer, opt_state, params, batch, loss_fn, perturbation,
+        bool(store_noise))
+    updates, new_state = optimizer.update(
+        None, opt_state, restored, zo_losses=(center, plus, minus))
+    new_params = optax.apply_updates(restored, updates)
+    zo_state = _estimator.find_state(new_state)
+    metrics = {
+        "loss": zo_state.loss,
+        "loss_plus": zo_state.loss_plus,
+        "loss_minus": zo_state.loss_minus,
+        "projected_grad": zo_state.projected_grad,
+        "skipped": zo_state.skipped,
+    }
+    return new_params, new_state, metrics
+
+  return jax.jit(step, donate_argnums=(0, 1) if donate else (),
+                 compiler_options=COMPILER_OPTIONS)

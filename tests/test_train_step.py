@@ -1,0 +1,184 @@
+"""make_train_step against the plain ``tx.update`` + ``apply_updates`` path."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import hizoo_jax as hz
+from hizoo_jax.train_step import make_train_step
+
+MU = 0.05  # Large enough that the in-place round trip is well conditioned.
+
+
+def make_params(dtype=jnp.float32):
+  rng = np.random.default_rng(0)
+  return {
+      "w1": jnp.asarray(rng.normal(size=(8, 16)) / 3, dtype),
+      "b1": jnp.asarray(rng.normal(size=(16,)) / 3, dtype),
+      "w2": jnp.asarray(rng.normal(size=(16, 4)) / 4, dtype),
+  }
+
+
+def make_batch(bad=False):
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(32, 8)).astype(np.float32)
+  y = rng.normal(size=(32, 4)).astype(np.float32)
+  return {"x": jnp.asarray(x), "y": jnp.asarray(y),
+          "bad": jnp.asarray(bad)}
+
+
+def loss_fn(params, batch):
+  p = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+  h = jnp.tanh(batch["x"] @ p["w1"] + p["b1"])
+  loss = jnp.mean((h @ p["w2"] - batch["y"]) ** 2)
+  return jnp.where(batch["bad"], jnp.nan, loss)
+
+
+def copy_tree(tree):
+  return jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
+
+
+def plain_step(tx):
+  @jax.jit
+  def step(params, state, batch):
+    updates, state = tx.update(
+        None, state, params, value_fn=lambda p: loss_fn(p, batch))
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+OPTIMIZERS = {
+    "hizoo": lambda: hz.hizoo(0.05, mu=MU, hessian_smooth=0.5, key=3),
+    "hizoo_l": lambda: hz.hizoo_l(0.05, mu=MU, hessian_smooth=0.5,
+                                  min_dim_size_to_factor=4, key=3),
+    "hizoo_q2_masked": lambda: hz.hizoo(
+        0.05, mu=MU, hessian_smooth=0.5, num_queries=2, key=3,
+        estimator="reference", mask={"w1": True, "b1": False, "w2": True}),
+    "mezo": lambda: hz.mezo(0.05, mu=MU, weight_decay=0.1, key=3),
+    "mezo_q3": lambda: hz.mezo(0.05, mu=MU, num_queries=3, key=3),
+    "mezo_adam": lambda: optax.chain(hz.scale_by_mezo(MU, key=3),
+                                     optax.adam(0.01)),
+}
+
+
+def assert_trees_close(actual, expected, atol, rtol=0.0):
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(a, np.float64),
+                               np.asarray(e, np.float64), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("name, store_noise", [
+    ("hizoo", False), ("hizoo", True), ("hizoo_l", False),
+    ("hizoo_q2_masked", False), ("mezo", False), ("mezo_q3", True),
+    ("mezo_adam", False)])
+def test_matches_plain_update(name, store_noise):
+  tx = OPTIMIZERS[name]()
+  params = make_params()
+  state = tx.init(params)
+  plain = plain_step(tx)
+  lean = make_train_step(tx, loss_fn, store_noise=store_noise)
+  p_ref, s_ref = copy_tree(params), copy_tree(state)
+  p_new, s_new = params, state
+  # The second step's loss is NaN: both paths skip it (weight decay and
+  # Adam's momentum still apply, as in the plain path).
+  for bad in (False, True, False):
+    batch = make_batch(bad)
+    p_ref, s_ref = plain(p_ref, s_ref, batch)
+    p_new, s_new, metrics = lean(p_new, s_new, batch)
+  # The only difference is the rounding of the +mu, -2 mu, +mu round trip
+  # (about one float32 ulp of theta per move), carried through the steps.
+  assert_trees_close(p_new, p_ref, atol=2e-5)
+  zo, zo_ref = hz.find_state(s_new), hz.find_state(s_ref)
+  assert_trees_close(zo.hessian, zo_ref.hessian, atol=1e-6, rtol=1e-4)
+  assert_trees_close(s_new, s_ref, atol=1e-4, rtol=1e-4)
+  assert float(metrics["loss"]) == float(zo.loss)
+  assert float(metrics["loss_plus"]) == float(zo.loss_plus)
+  assert float(metrics["projected_grad"]) == float(zo.projected_grad)
+  assert int(metrics["skipped"]) == int(zo.skipped) == 1
+  assert int(zo.count) == 3
+  for leaf in jax.tree.leaves(zo.hessian):
+    assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def test_losses_donation_cache_and_profiler(tmp_path):
+  tx = OPTIMIZERS["hizoo"]()
+  params, batch = make_params(), make_batch()
+  state = tx.init(params)
+  z = hz.step_noise(state, params)
+  hess = hz.find_state(state).hessian
+  expected = [
+      loss_fn(jax.tree.map(lambda p, z, h: p + c * MU * z / jnp.sqrt(h),
+                           params, z, hess), batch)
+      for c in (0.0, 1.0, -1.0)]
+  step = make_train_step(tx, loss_fn)
+  with jax.profiler.trace(str(tmp_path)):
+    new_params, state, metrics = step(params, state, batch)
+    jax.block_until_ready(new_params)
+  got = [metrics["loss"], metrics["loss_plus"], metrics["loss_minus"]]
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  np.testing.assert_allclose(
+      metrics["projected_grad"], (got[1] - got[2]) / (2 * MU), rtol=1e-3)
+  assert all(x.is_deleted() for x in jax.tree.leaves(params))  # Donated.
+  step(new_params, state, batch)
+  assert step._cache_size() == 1  # No recompilation on step 2.
+
+
+def test_bfloat16_params_without_donation():
+  tx = hz.mezo(0.05, mu=MU, key=3)
+  params = make_params(jnp.bfloat16)
+  state = tx.init(params)
+  p_ref, _ = plain_step(tx)(params, state, make_batch())
+  step = make_train_step(tx, loss_fn, donate=False)
+  p_new, _, _ = step(params, state, make_batch())
+  assert not any(x.is_deleted() for x in jax.tree.leaves(params))
+  for a, e in zip(jax.tree.leaves(p_new), jax.tree.leaves(p_ref)):
+    assert a.dtype == jnp.bfloat16
+    # bf16 has 8 significant bits: the in-place round trip may move theta by
+    # a few ulps, as in the PyTorch original.
+    np.testing.assert_allclose(np.asarray(a, np.float32),
+                               np.asarray(e, np.float32), rtol=0, atol=0.03)
+
+
+def _temp_bytes(fn, *args):
+  return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("name", ["hizoo"])
+def test_lean_step_uses_less_memory_than_naive(name):
+  """A structural check of the compiled programs, not a timing."""
+  params = {f"w{i}": jnp.full((256, 256), 0.01, jnp.float32) for i in range(4)}
+  x = jnp.ones((16, 256), jnp.float32)
+
+  def mlp_loss(p, x):
+    for i in range(4):
+      x = jnp.tanh(x @ p[f"w{i}"])
+    return jnp.mean(x**2)
+
+  tx = hz.mezo(1e-3) if name == "mezo" else hz.hizoo(1e-3)
+  state = tx.init(params)
+
+  def naive(p, s, x):
+    updates, s = tx.update(None, s, p, value_fn=lambda q: mlp_loss(q, x))
+    return optax.apply_updates(p, updates), s
+
+  naive_temp = _temp_bytes(jax.jit(naive, donate_argnums=(0, 1)),
+                           params, state, x)
+  lean_temp = _temp_bytes(make_train_step(tx, mlp_loss), params, state, x)
+  one_leaf = 256 * 256 * 4
+  assert lean_temp < naive_temp
+  assert lean_temp < one_leaf  # No parameter-sized temporary at all.
+
+
+def test_errors():
+  params = make_params()
+  step = make_train_step(optax.sgd(0.1), loss_fn)
+  with pytest.raises(ValueError, match="zeroth-order estimator"):
+    step(params, optax.sgd(0.1).init(params), make_batch())
+  tx = hz.mezo(0.1)
+  bad = make_train_step(tx, lambda p, b: p["w1"])
+  with pytest.raises(ValueError, match="scalar"):
+    bad(params, tx.init(params), make_batch())
+  with pytest.raises(TypeError, match="callable"):
+    make_train_step(tx, None)
