@@ -11,8 +11,9 @@ A leaf's curvature is either
   is rebuilt elementwise wherever H is needed (rank one per slice, positive).
 
 Both are updated by an exponential moving average (EMA) of a per-coordinate
-estimate ``est >= 0`` computed on the fly; the factored form averages ``est``
-over the removed axis first, so the full-size estimate is never stored.
+estimate ``est >= 0`` computed on the fly (:func:`estimate_abs`,
+:func:`ema_step`); the factored form averages ``est`` over the removed axis
+first, so the full-size estimate is never stored.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from hizoo_jax import noise
 
 
 @jax.tree_util.register_dataclass
@@ -126,3 +129,56 @@ def ema(h, estimate: jax.Array, rate: jax.Array, reference: bool = False):
       row=step(h.row, jnp.mean(estimate, axis=h.col_axis)),
       col=step(h.col, jnp.mean(estimate, axis=h.row_axis)),
   )
+
+
+def updated_array(h):
+  """The array of a new H that the update's draw of z waits for."""
+  return h.col if isinstance(h, FactoredHessian) else h
+
+
+def ema_step(h, second, z_of_query, num_queries, rate, reference, after,
+             zero):
+  """H after one EMA step; z is drawn afresh for every consumer.
+
+  Each draw is salted with a different zero (``zero``, from the step count,
+  which is never negative, or :func:`hizoo_jax.noise.zero_after` of an
+  array), so none is shared with ``shift``'s draw or the update's. The full H's draw must not
+  read H itself: its update would then not be elementwise, and XLA would
+  not write it in place. XLA:CPU stores the operand of a reduction, so the
+  factored form's row and column means are computed one after the other
+  (and after the previous factored leaf, ``after``): one leaf-sized
+  temporary at a time.
+  """
+  def estimate_after(order):
+    salt = order if jnp.ndim(order) == 0 else noise.zero_after(order)
+    # H as read by this estimate also waits for ``order``, so that XLA does
+    # not expand every leaf's factored H at once.
+    h_read = jax.tree.map(lambda a: jnp.where(salt == 0, a, 1), h)
+    return estimate_abs(h_read, second,
+                        lambda query: z_of_query(query, salt), num_queries,
+                        reference)
+
+  if not isinstance(h, FactoredHessian):
+    return ema(h, estimate_after(zero), rate, reference)
+  rows = ema(h, estimate_after(zero if after is None else after), rate,
+             reference)
+  cols = ema(h, estimate_after(rows.row), rate, reference)
+  return dataclasses.replace(rows, col=cols.col)
+
+
+def estimate_abs(h, second, z_of_query, num_queries, reference):
+  """Per-coordinate curvature estimate |h| averaged over queries (>= 0).
+
+  paper:     H * | mean_j D_j / (2 mu^2) * (z_j^2 - 1) |
+  reference: H * mean_j |D_j| / (2 mu^2) * z_j^2
+  with ``second[j] = D_j / (2 mu^2)`` and H the current estimate.
+  """
+  if reference:
+    terms = [jnp.abs(second[j]) * jnp.square(z_of_query(j))
+             for j in range(num_queries)]
+    total = sum(terms)
+  else:
+    terms = [second[j] * (jnp.square(z_of_query(j)) - 1.0)
+             for j in range(num_queries)]
+    total = jnp.abs(sum(terms))
+  return expand(h).astype(jnp.float32) * total / num_queries

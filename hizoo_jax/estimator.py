@@ -9,7 +9,6 @@ curvature estimate ``H`` kept in the state (:mod:`hizoo_jax.curvature`).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -159,7 +158,7 @@ def _zo_estimator(
     def z(i, query, after=None):
       seed = noise.leaf_seed(state.rng_key, state.count, query, hashes[i])
       if after is not None:
-        seed = seed ^ (_zero_after(after) if jnp.ndim(after) else after)
+        seed = seed ^ (noise.zero_after(after) if jnp.ndim(after) else after)
       return noise.gaussian(seed, jnp.shape(leaves[i]),
                             sharding=noise.explicit_sharding(leaves[i]))
 
@@ -198,7 +197,7 @@ def _zo_estimator(
       previous = None
       for i, keep in enumerate(trainable):
         if keep:
-          new_hess[i] = _new_curvature(
+          new_hess[i] = curvature.ema_step(
               hess[i], second, functools.partial(z, i), num_queries, rate,
               reference, previous, (state.count >> 31).astype(jnp.uint32))
           if isinstance(hess[i], curvature.FactoredHessian):
@@ -211,7 +210,7 @@ def _zo_estimator(
         continue
       after = None
       if with_curvature:
-        after = _updated_array(new_hess[i])
+        after = curvature.updated_array(new_hess[i])
       direction = sum(grad_used[j] * z(i, j, after)
                       for j in range(num_queries))
       direction = direction / num_queries
@@ -265,77 +264,6 @@ def _losses(params, shift, value_fn, extra_args, num_queries, with_center):
     return center, plus[None], minus[None]
   plus, minus = lax.map(pair, jnp.arange(num_queries, dtype=jnp.uint32))
   return center, plus, minus
-
-
-def _zero_after(x):
-  """uint32 0 computed from the float ``x >= +0``: its sign bit.
-
-  Making a draw of z depend on ``x`` this way orders it after ``x`` and keeps
-  XLA from merging it with another draw of the same z: XLA would then store
-  the shared z (a parameter-sized buffer) instead of regenerating it.
-  """
-  if jnp.size(x) == 0:
-    return jnp.zeros([], jnp.uint32)
-  if noise.explicit_sharding(x) is not None:
-    # Explicit mesh axes forbid slicing one element out of a sharded array;
-    # an optimization barrier gives the same ordering without a collective.
-    return lax.optimization_barrier((x, jnp.zeros([], jnp.uint32)))[1]
-  # Index without jnp.ravel: reshaping a sharded array makes the SPMD
-  # partitioner all-gather it (a parameter-sized collective).
-  first = x[(0,) * jnp.ndim(x)].astype(jnp.float32)
-  return lax.bitcast_convert_type(first, jnp.uint32) >> 31
-
-
-def _updated_array(h):
-  """The array of a new H that the update's draw of z waits for."""
-  return h.col if isinstance(h, curvature.FactoredHessian) else h
-
-
-def _new_curvature(h, second, z_of_query, num_queries, rate, reference, after,
-                   zero):
-  """H after one EMA step; z is drawn afresh for every consumer.
-
-  Each draw is salted with a different zero (``zero``, from the step count,
-  which is never negative, or :func:`_zero_after` of an array), so none is
-  shared with ``shift``'s draw or the update's. The full H's draw must not
-  read H itself: its update would then not be elementwise, and XLA would
-  not write it in place. XLA:CPU stores the operand of a reduction, so the
-  factored form's row and column means are computed one after the other
-  (and after the previous factored leaf, ``after``): one leaf-sized
-  temporary at a time.
-  """
-  def estimate(order):
-    salt = order if jnp.ndim(order) == 0 else _zero_after(order)
-    # H as read by this estimate also waits for ``order``, so that XLA does
-    # not expand every leaf's factored H at once.
-    h_read = jax.tree.map(lambda a: jnp.where(salt == 0, a, 1), h)
-    return _estimate(h_read, second, lambda query: z_of_query(query, salt),
-                     num_queries, reference)
-
-  if not isinstance(h, curvature.FactoredHessian):
-    return curvature.ema(h, estimate(zero), rate, reference)
-  rows = curvature.ema(h, estimate(zero if after is None else after), rate,
-                       reference)
-  cols = curvature.ema(h, estimate(rows.row), rate, reference)
-  return dataclasses.replace(rows, col=cols.col)
-
-
-def _estimate(h, second, z_of_query, num_queries, reference):
-  """Per-coordinate curvature estimate |h| averaged over queries (>= 0).
-
-  paper:     H * | mean_j D_j / (2 mu^2) * (z_j^2 - 1) |
-  reference: H * mean_j |D_j| / (2 mu^2) * z_j^2
-  with ``second[j] = D_j / (2 mu^2)`` and H the current estimate.
-  """
-  if reference:
-    terms = [jnp.abs(second[j]) * jnp.square(z_of_query(j))
-             for j in range(num_queries)]
-    total = sum(terms)
-  else:
-    terms = [second[j] * (jnp.square(z_of_query(j)) - 1.0)
-             for j in range(num_queries)]
-    total = jnp.abs(sum(terms))
-  return curvature.expand(h).astype(jnp.float32) * total / num_queries
 
 
 def scale_by_hizoo(

@@ -131,3 +131,22 @@ def gaussian(seed: jax.Array, shape, dtype=jnp.float32,
   u = ((bits >> 9).astype(jnp.float32) + 0.5) * np.float32(2.0**-23)
   z = np.float32(np.sqrt(2.0)) * lax.erf_inv(2.0 * u - 1.0)
   return z.astype(dtype)
+
+
+def zero_after(x: jax.Array) -> jax.Array:
+  """uint32 0 computed from the float ``x >= +0``: its sign bit.
+
+  Making a draw of z depend on ``x`` this way orders it after ``x`` and keeps
+  XLA from merging it with another draw of the same z: XLA would then store
+  the shared z (a parameter-sized buffer) instead of regenerating it.
+  """
+  if jnp.size(x) == 0:
+    return jnp.zeros([], jnp.uint32)
+  if explicit_sharding(x) is not None:
+    # Explicit mesh axes forbid slicing one element out of a sharded array;
+    # an optimization barrier gives the same ordering without a collective.
+    return lax.optimization_barrier((x, jnp.zeros([], jnp.uint32)))[1]
+  # Index without jnp.ravel: reshaping a sharded array makes the SPMD
+  # partitioner all-gather it (a parameter-sized collective).
+  first = x[(0,) * jnp.ndim(x)].astype(jnp.float32)
+  return lax.bitcast_convert_type(first, jnp.uint32) >> 31
