@@ -29,13 +29,16 @@ def bench_size(size: str, repeats: int, extra_modes, only=tuple(MODES)) -> dict:
   all modes alike) and keeps each mode's median."""
   cfg, params, batch, loss_fn = common.build(size)
   modes = [m for m in MODES if m in only] + list(extra_modes)
-  runners, rows = {}, {}
+  runners, rows, pool = {}, {}, {}
   for name in modes:
-    fn, compiled, state = common.compile_mode(name, params, batch, loss_fn)
+    _, compiled, state = common.compile_mode(name, params, batch, loss_fn)
     rows[name] = {"memory": common.memory(compiled), "all": []}
-    runners[name] = common.Runner(compiled, params, state, batch)
-    runners[name].call()  # Warm-up.
+    pool.setdefault(common.state_group(name), state)
+    runners[name] = common.Runner(compiled, pool, name, batch)
     print(f"{size} {name}: compiled", flush=True)
+  pool["params"] = params
+  for name in modes:
+    runners[name].call()  # Warm-up.
   for _ in range(repeats):
     for name in modes:
       rows[name]["all"].append(runners[name].call())
@@ -91,10 +94,10 @@ def main():
   extra = [m for m in args.extra.split(",") if m]
   results = {"environment": common.environment(), "repeats": repeats,
              "sizes": {}}
-  for size in sizes:
+  for size in sizes:  # Saved after each size, so a later failure keeps it.
     results["sizes"][size] = bench_size(size, repeats, extra,
                                         args.only.split(","))
-  common.save(args.out, results, table(results))
+    common.save(args.out, results, table(results))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from hizoo_jax import noise
 
@@ -54,8 +55,8 @@ def factored_axes(shape, min_dim_size_to_factor: int) -> Optional[tuple[int, int
   return min(first, second), max(first, second)
 
 
-def _drop_axis(sharding, ndim: int, axis: int):
-  """An explicit ``sharding`` of a leaf, for the leaf without ``axis``."""
+def factor_sharding(sharding, ndim: int, axis: int):
+  """A leaf's NamedSharding (or None) for the leaf without ``axis``."""
   if sharding is None:
     return None
   entries = list(sharding.spec) + [None] * (ndim - len(sharding.spec))
@@ -76,9 +77,9 @@ def init(shape, axes: Optional[tuple[int, int]], dtype,
   row_axis, col_axis = axes
   return FactoredHessian(
       row=jnp.ones(np.delete(shape, col_axis), dtype,
-                   out_sharding=_drop_axis(sharding, len(shape), col_axis)),
+                   out_sharding=factor_sharding(sharding, len(shape), col_axis)),
       col=jnp.ones(np.delete(shape, row_axis), dtype,
-                   out_sharding=_drop_axis(sharding, len(shape), row_axis)),
+                   out_sharding=factor_sharding(sharding, len(shape), row_axis)),
       row_axis=row_axis,
       col_axis=col_axis,
   )
@@ -126,9 +127,32 @@ def ema(h, estimate: jax.Array, rate: jax.Array, reference: bool = False):
     return step(h, estimate)
   return dataclasses.replace(
       h,
-      row=step(h.row, jnp.mean(estimate, axis=h.col_axis)),
-      col=step(h.col, jnp.mean(estimate, axis=h.row_axis)),
+      row=step(h.row, fused_mean(estimate, h.col_axis)),
+      col=step(h.col, fused_mean(estimate, h.row_axis)),
   )
+
+
+def _single_cpu_device() -> bool:
+  return jax.default_backend() == "cpu" and jax.device_count() == 1
+
+
+def fused_mean(x: jax.Array, axis: int) -> jax.Array:
+  """Mean of ``x`` over ``axis``, reduced without storing ``x`` on XLA:CPU.
+
+  XLA:CPU hands a plain float sum to YNNPACK, which first stores the whole
+  operand: here a leaf-sized estimate, 4 bytes per parameter of the largest
+  factored leaf. One reduction with two outputs, the sum and the count of
+  entries, stays in XLA's own loop fusion, which computes the operand as it
+  reduces. The SPMD partitioner cannot split a two-output reduction (it
+  all-gathers the operand), so that form is used only on a single CPU
+  device; everywhere else ``jnp.mean`` already fuses.
+  """
+  if not _single_cpu_device():
+    return jnp.mean(x, axis=axis)
+  count = jnp.ones_like(x, dtype=jnp.int32)
+  total, n = lax.reduce((x, count), (np.zeros((), x.dtype), np.int32(0)),
+                        lambda a, b: (a[0] + b[0], a[1] + b[1]), (axis,))
+  return total / n.astype(total.dtype)
 
 
 def updated_array(h):
@@ -144,10 +168,10 @@ def ema_step(h, second, z_of_query, num_queries, rate, reference, after,
   which is never negative, or :func:`hizoo_jax.noise.zero_after` of an
   array), so none is shared with ``shift``'s draw or the update's. The full H's draw must not
   read H itself: its update would then not be elementwise, and XLA would
-  not write it in place. XLA:CPU stores the operand of a reduction, so the
-  factored form's row and column means are computed one after the other
-  (and after the previous factored leaf, ``after``): one leaf-sized
-  temporary at a time.
+  not write it in place. Where a reduction stores its operand (XLA:CPU
+  with more than one device, see :func:`fused_mean`), the factored form's
+  row and column means are computed one after the other (and after the
+  previous factored leaf, ``after``): one leaf-sized temporary at a time.
   """
   def estimate_after(order):
     salt = order if jnp.ndim(order) == 0 else noise.zero_after(order)

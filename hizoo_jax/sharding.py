@@ -49,13 +49,6 @@ def _full_spec(spec: PartitionSpec, ndim: int, where: str) -> list:
   return entries + [None] * (ndim - len(entries))
 
 
-def _without(sharding: NamedSharding, ndim: int, axis: int, where: str):
-  """``sharding`` for the leaf with ``axis`` removed (a factor of H)."""
-  entries = _full_spec(sharding.spec, ndim, where)
-  del entries[axis]
-  return NamedSharding(sharding.mesh, PartitionSpec(*entries))
-
-
 def _as_named(sharding, mesh, where: str) -> NamedSharding:
   if isinstance(sharding, NamedSharding):
     return sharding
@@ -106,8 +99,8 @@ class _Assigner:
     if isinstance(node, curvature.FactoredHessian):
       return dataclasses.replace(
           node,
-          row=_without(sharding, len(shape), node.col_axis, path),
-          col=_without(sharding, len(shape), node.row_axis, path))
+          row=curvature.factor_sharding(sharding, len(shape), node.col_axis),
+          col=curvature.factor_sharding(sharding, len(shape), node.row_axis))
     if _is_array_like(node) and tuple(node.shape) == shape:
       return sharding
     return self.everything_replicated(node)
