@@ -145,7 +145,7 @@ def fused_mean(x: jax.Array, axis: int) -> jax.Array:
   entries, stays in XLA's own loop fusion, which computes the operand as it
   reduces. The SPMD partitioner cannot split a two-output reduction (it
   all-gathers the operand), so that form is used only on a single CPU
-  device; everywhere else ``jnp.mean`` already fuses.
+  device, and ``jnp.mean`` everywhere else (GPU and TPU fuse it).
   """
   if not _single_cpu_device():
     return jnp.mean(x, axis=axis)
