@@ -19,6 +19,7 @@ from jax import lax
 
 from hizoo_jax import _checks
 from hizoo_jax import curvature
+from hizoo_jax import fusible
 from hizoo_jax import noise
 
 ScalarOrSchedule = float | jax.Array | optax.Schedule
@@ -168,7 +169,7 @@ def _zo_estimator(
         if keep:
           step = (coeff * mu_t) * z(i, query)
           if with_curvature:
-            step = step * lax.rsqrt(curvature.expand(hess[i]).astype(jnp.float32))
+            step = step * fusible.rsqrt(curvature.expand(hess[i]))
           dtype = jnp.promote_types(out[i].dtype, jnp.float32)
           out[i] = (out[i].astype(dtype) + step).astype(out[i].dtype)
       return treedef.unflatten(out)
@@ -215,8 +216,7 @@ def _zo_estimator(
                       for j in range(num_queries))
       direction = direction / num_queries
       if with_curvature:
-        direction = direction * lax.rsqrt(
-            curvature.expand(new_hess[i]).astype(jnp.float32))
+        direction = direction * fusible.rsqrt(curvature.expand(new_hess[i]))
       out.append(direction.astype(x.dtype))
 
     plus_mean, minus_mean = jnp.mean(plus), jnp.mean(minus)

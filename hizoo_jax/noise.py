@@ -12,10 +12,13 @@ elementwise function of the element's global index and of a per-leaf seed:
     z     = sqrt(2) * erfinv(2 u - 1)                 # standard normal
 
 ``mix`` is a 32-bit integer finaliser (xor-shift and multiply, constants of the
-"lowbias32" hash). Every operation is elementwise, so XLA fuses the generator
-into whatever consumes ``z`` (no temporary buffer), and because the index is the
-element's global position the sample is bit-identical on any device mesh. The
-tails are truncated at |z| < 5.3 (23 bits of uniform resolution).
+"lowbias32" hash), and the quantile is
+:func:`hizoo_jax.fusible.normal_from_uniform`, built from integer and float
+multiplications, additions and selects only. Every operation is elementwise
+and cheap, so XLA fuses the generator into whatever consumes ``z``,
+recomputing it in each consumer rather than storing it. Because the index is
+the element's global position, the sample is bit-identical on any device
+mesh. The tails are truncated at |z| < 5.3 (23 bits of uniform resolution).
 
 A leaf may hold at most 2**32 elements (the index is 32 bits).
 """
@@ -28,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from hizoo_jax import fusible
 
 _GOLDEN = 0x9E3779B9
 _MAX_ELEMENTS = 2**32
@@ -129,8 +134,7 @@ def gaussian(seed: jax.Array, shape, dtype=jnp.float32,
         "noise generator indexes elements with 32 bits. Split the leaf.")
   bits = mix32(mix32(_flat_index(shape, sharding) ^ seed[0]) + seed[1])
   u = ((bits >> 9).astype(jnp.float32) + 0.5) * np.float32(2.0**-23)
-  z = np.float32(np.sqrt(2.0)) * lax.erf_inv(2.0 * u - 1.0)
-  return z.astype(dtype)
+  return fusible.normal_from_uniform(u).astype(dtype)
 
 
 def zero_after(x: jax.Array) -> jax.Array:

@@ -393,3 +393,30 @@ def test_train_step_on_meshes():
   for a, b in zip(jax.tree.leaves(state[0].hessian),
                   jax.tree.leaves(ref_state[0].hessian)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=hess_tol)
+
+
+def test_hizoo_l_step_on_a_mesh_holds_few_leaf_shards():
+  """Structural: on a multi-device CPU mesh the HiZOO-L means are jnp.means
+  that XLA:CPU hands to YNNPACK, which stores its operand. The means run
+  leaf after leaf, so the step holds a few shard-sized buffers (6 here), not
+  one or more per leaf (15 when the normal quantile selected each
+  polynomial coefficient; see hizoo_jax.fusible)."""
+  train_step = pytest.importorskip("hizoo_jax.train_step")
+  mesh = jax.make_mesh((8,), ("d",), axis_types=(AxisType.Auto,))
+  sharding = NamedSharding(mesh, P("d", None))
+  num_leaves = 8
+  params = {f"w{i}": jax.device_put(jnp.full((512, 512), 0.01, jnp.float32),
+                                    sharding) for i in range(num_leaves)}
+  x = jnp.ones((16, 512), jnp.float32)
+
+  def loss(p, x):
+    for i in range(num_leaves):
+      x = jnp.tanh(x @ p[f"w{i}"])
+    return jnp.mean(x**2)
+
+  tx = hz.hizoo_l(1e-3, hessian_smooth=1e-6)
+  compiled = train_step.make_train_step(tx, loss).lower(
+      params, tx.init(params), x).compile()
+  shard_bytes = 512 * 512 * 4 // 8
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp < num_leaves * shard_bytes, temp / shard_bytes

@@ -146,20 +146,25 @@ def _temp_bytes(fn, *args):
   return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
+ONE_LEAF = 256 * 256 * 4  # Bytes of one leaf of the MLP below.
+MLP_PARAMS = {f"w{i}": jnp.full((256, 256), 0.01, jnp.float32)
+              for i in range(4)}
+MLP_INPUT = jnp.ones((16, 256), jnp.float32)
+
+
+def mlp_loss(p, x):
+  for i in range(4):
+    x = jnp.tanh(x @ p[f"w{i}"])
+  return jnp.mean(x**2)
+
+
 @pytest.mark.parametrize("name", ["hizoo", "hizoo_l"])
 def test_lean_step_uses_less_memory_than_naive(name, monkeypatch):
   """A structural check of the compiled programs, not a timing."""
   # The suite runs on 8 simulated devices; HiZOO-L's reduction that computes
   # its operand as it goes is XLA:CPU's single-device path (fused_mean).
   monkeypatch.setattr(curvature, "_single_cpu_device", lambda: True)
-  params = {f"w{i}": jnp.full((256, 256), 0.01, jnp.float32) for i in range(4)}
-  x = jnp.ones((16, 256), jnp.float32)
-
-  def mlp_loss(p, x):
-    for i in range(4):
-      x = jnp.tanh(x @ p[f"w{i}"])
-    return jnp.mean(x**2)
-
+  params, x = MLP_PARAMS, MLP_INPUT
   tx = {"hizoo": hz.hizoo, "hizoo_l": hz.hizoo_l}[name](1e-3)
   state = tx.init(params)
 
@@ -170,9 +175,24 @@ def test_lean_step_uses_less_memory_than_naive(name, monkeypatch):
   naive_temp = _temp_bytes(jax.jit(naive, donate_argnums=(0, 1)),
                            params, state, x)
   lean_temp = _temp_bytes(make_train_step(tx, mlp_loss), params, state, x)
-  one_leaf = 256 * 256 * 4
   assert lean_temp < naive_temp
-  assert lean_temp < one_leaf  # No parameter-sized temporary at all.
+  assert lean_temp < ONE_LEAF  # No parameter-sized temporary at all.
+
+
+@pytest.mark.parametrize("estimator", ["mezo", "hizoo"])
+@pytest.mark.parametrize("after", ["adam", "momentum"])
+def test_chain_holds_only_its_own_state(estimator, after):
+  """A stateful transformation after the estimator reads the update twice
+  (Adam's two moments); XLA must recompute z and H^{-1/2} in each reader
+  rather than store them (hizoo_jax.fusible)."""
+  head = (hz.scale_by_mezo(MU) if estimator == "mezo"
+          else hz.scale_by_hizoo(MU, 1e-6))
+  tail = (optax.adam(1e-3) if after == "adam"
+          else optax.sgd(1e-3, momentum=0.9))
+  tx = optax.chain(head, tail)
+  lean_temp = _temp_bytes(make_train_step(tx, mlp_loss), MLP_PARAMS,
+                          tx.init(MLP_PARAMS), MLP_INPUT)
+  assert lean_temp < ONE_LEAF  # No parameter-sized temporary at all.
 
 
 def test_fused_mean_matches_mean(monkeypatch):
