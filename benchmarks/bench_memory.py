@@ -11,10 +11,17 @@ Two measurements per mode:
   outputs not aliased to donated arguments ("total"), compared with the
   forward pass's total (plus one float32 copy of the parameters for HiZOO,
   whose H is an argument).
-* The peak resident set of a fresh process running the mode: the process
-  builds the model, compiles, resets its peak counter (``/proc/self/
-  clear_refs``), runs two steps and reads ``VmHWM``; so compilation is left
-  out and the number is what executing the step needs.
+* The peak resident set of a fresh process running the mode. The parent
+  compiles every mode into a persistent compilation cache, so the process
+  loads the executable instead of compiling it (as a production run with the
+  cache does; compiling leaves freed heap behind that glibc keeps). It builds
+  the model, loads the step, returns freed heap to the system
+  (``malloc_trim``), resets its peak counter (``/proc/self/clear_refs``),
+  runs two steps and reads ``VmHWM``. *Program* is what loading the
+  executable added to the resident set: XLA:CPU keeps the optimized HLO
+  module of a loaded executable in host memory, a few KiB per instruction.
+  *Growth in run* is the peak minus the resident set just before the first
+  step: what executing the step added.
 
 Results go to ``benchmarks/results/memory.{json,md}``.
 """
@@ -22,14 +29,18 @@ Results go to ``benchmarks/results/memory.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 
 import common
 
 CORE = ["forward", "mezo", "hizoo", "hizoo_l", "backprop_adam"]
+CACHE_ENV = "HIZOO_BENCH_CACHE"
 MORE = ["mezo_naive", "hizoo_naive", "hizoo_l_naive", "mezo_store",
         "hizoo_store"]
 
@@ -42,12 +53,28 @@ def _status_kib(field: str) -> int:
   return -1
 
 
+def _trim_heap() -> None:
+  """Returns the heap glibc holds free to the system (no-op elsewhere)."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
 def child(size: str, mode: str, steps: int) -> None:
   """Runs in a fresh process; prints one JSON line."""
   import jax
+  common.use_compilation_cache(os.environ.get(CACHE_ENV))
   cfg, params, batch, loss_fn = common.build(size)
-  fn, compiled, state = common.compile_mode(mode, params, batch, loss_fn)
+  fn, make_state = common.mode_fn(mode, loss_fn)
+  state = make_state(params)
   jax.block_until_ready((params, state))
+  _trim_heap()
+  unloaded = _status_kib("VmRSS")
+  start = time.perf_counter()
+  compiled = fn.lower(params, state, batch).compile()
+  load_seconds = time.perf_counter() - start
+  _trim_heap()
   before = _status_kib("VmRSS")
   try:
     with open("/proc/self/clear_refs", "w") as f:
@@ -65,6 +92,8 @@ def child(size: str, mode: str, steps: int) -> None:
       trace.append((i + 1, _status_kib("VmRSS") / 1024))
   print(json.dumps({
       "rss_before_mib": before / 1024,
+      "program_mib": (before - unloaded) / 1024,
+      "load_seconds": load_seconds,
       "peak_mib": _status_kib("VmHWM") / 1024,
       "peak_reset": reset, "trace": trace,
       "params_mib": cfg.num_params * 4 / common.MiB}))
@@ -94,31 +123,35 @@ def bench_size(size: str, modes, rss: bool) -> dict:
 def table(results: dict) -> str:
   lines = [
       "| size | mode | args (MiB) | temp (MiB) | new outputs (MiB) | total (MiB) "
-      "| total / reference | peak RSS (MiB) | RSS / reference "
-      "| RSS growth in run (MiB) |",
-      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+      "| total / reference | HLO instructions | peak RSS (MiB) "
+      "| RSS / reference | program (MiB) | RSS growth in run (MiB) "
+      "| growth / forward's |",
+      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+      "| --- | --- |"]
   for size, r in results["sizes"].items():
     modes = r["modes"]
     fwd = modes["forward"]
-    h_copy = r["params_mib"]
     for mode, row in modes.items():
-      a = row["analysis"]
-      ref_total = fwd["analysis"]["total"]
-      ref_rss = fwd.get("rss", {}).get("peak_mib")
-      ref_name = "fwd"
+      a, rss = row["analysis"], row.get("rss")
+      ref_total, ref_rss = fwd["analysis"]["total"], fwd.get("rss")
+      ref_name, extra = "fwd", 0.0
       if mode.startswith("hizoo") and not mode.startswith("hizoo_l"):
-        ref_total += h_copy  # A forward pass plus one float32 copy (H).
-        ref_rss = ref_rss + h_copy if ref_rss else None
+        extra = r["params_mib"]  # A forward pass plus one float32 copy (H).
         ref_name = "fwd + H"
-      rss = row.get("rss", {}).get("peak_mib")
-      before = row.get("rss", {}).get("rss_before_mib", 0.0)
-      lines.append(
-          f"| {size} | {mode} | {a['argument']:.0f} | {a['temp']:.1f} | "
-          f"{a['output'] - a['alias']:.1f} | {a['total']:.0f} | "
-          f"{a['total'] / ref_total:.3f} ({ref_name}) | "
-          f"{'' if rss is None else f'{rss:.0f}'} | "
-          f"{'' if rss is None or not ref_rss else f'{rss / ref_rss:.3f}'} | "
-          f"{'' if rss is None else f'{rss - before:.0f}'} |")
+      cells = [size, mode, f"{a['argument']:.0f}", f"{a['temp']:.1f}",
+               f"{a['output'] - a['alias']:.1f}", f"{a['total']:.0f}",
+               f"{a['total'] / (ref_total + extra):.3f} ({ref_name})",
+               str(a["hlo_instructions"])]
+      if rss and ref_rss:
+        growth = rss["peak_mib"] - rss["rss_before_mib"]
+        ref_growth = ref_rss["peak_mib"] - ref_rss["rss_before_mib"]
+        cells += [f"{rss['peak_mib']:.0f}",
+                  f"{rss['peak_mib'] / (ref_rss['peak_mib'] + extra):.3f}",
+                  f"{rss['program_mib']:.0f}", f"{growth:.0f}",
+                  f"{growth / ref_growth:.3f}"]
+      else:
+        cells += [""] * 5
+      lines.append("| " + " | ".join(cells) + " |")
   flat = results.get("flat")
   if flat:
     lines.append("")
@@ -151,12 +184,15 @@ def main():
   modes = args.modes.split(",") if args.modes else (
       CORE if args.quick else CORE + MORE)
   results = {"environment": common.environment(), "sizes": {}}
-  for size in sizes:
-    results["sizes"][size] = bench_size(size, modes, not args.no_rss)
-  if args.flat:
-    results["flat"] = {
-        f"{sizes[0]}/{mode}": run_child(sizes[0], mode, args.flat)
-        for mode in ("mezo", "hizoo", "hizoo_l")}
+  with tempfile.TemporaryDirectory(prefix="hizoo_bench_cache_") as cache:
+    os.environ[CACHE_ENV] = cache  # The children load what the parent built.
+    common.use_compilation_cache(cache)
+    for size in sizes:
+      results["sizes"][size] = bench_size(size, modes, not args.no_rss)
+    if args.flat:
+      results["flat"] = {
+          f"{sizes[0]}/{mode}": run_child(sizes[0], mode, args.flat)
+          for mode in ("mezo", "hizoo", "hizoo_l")}
   common.save(args.out, results, table(results))
 
 

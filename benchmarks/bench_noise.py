@@ -10,7 +10,10 @@ Reported: median milliseconds, elements per second, speed-up over
 Generators:
 
 * ``hash_erfinv`` (the library's): two rounds of a 32-bit integer hash of
-  the element index, 23 bits to a uniform, ``sqrt(2) erfinv(2u - 1)``.
+  the element index, 23 bits to a uniform, ``sqrt(2) erfinv(2u - 1)`` from
+  cheap operations only (``hizoo_jax.fusible``).
+* ``hash_lax_erfinv``: the same uniform through ``lax.erf_inv`` (the
+  library's quantile until 2026-11-24).
 * ``hash_box_muller``: the same hash for two uniforms per element (a second
   hash round), Box-Muller ``sqrt(-2 log u1) cos(2 pi u2)``.
 * ``threefry_normal``: ``jax.random.normal`` (threefry, the default).
@@ -26,6 +29,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 import common  # noqa: F401  (sets sys.path, results helpers)
 from hizoo_jax import noise
@@ -35,13 +39,24 @@ def hash_erfinv(seed, shape):
   return noise.gaussian(seed, shape)
 
 
-def hash_box_muller(seed, shape):
+def _bits(seed, shape):
   index = noise._flat_index(shape)  # pylint: disable=protected-access
-  bits1 = noise.mix32(noise.mix32(index ^ seed[0]) + seed[1])
+  return noise.mix32(noise.mix32(index ^ seed[0]) + seed[1])
+
+
+def _to_uniform(bits):
+  return ((bits >> 9).astype(jnp.float32) + 0.5) * np.float32(2.0**-23)
+
+
+def hash_lax_erfinv(seed, shape):
+  u = _to_uniform(_bits(seed, shape))
+  return np.float32(np.sqrt(2.0)) * lax.erf_inv(2.0 * u - 1.0)
+
+
+def hash_box_muller(seed, shape):
+  bits1 = _bits(seed, shape)
   bits2 = noise.mix32(bits1 ^ seed[1])
-  scale = np.float32(2.0**-23)
-  u1 = ((bits1 >> 9).astype(jnp.float32) + 0.5) * scale
-  u2 = ((bits2 >> 9).astype(jnp.float32) + 0.5) * scale
+  u1, u2 = _to_uniform(bits1), _to_uniform(bits2)
   return jnp.sqrt(-2.0 * jnp.log(u1)) * jnp.cos(np.float32(2 * np.pi) * u2)
 
 
@@ -50,7 +65,8 @@ def threefry_normal(seed, shape):
   return jax.random.normal(key, shape, jnp.float32)
 
 
-GENERATORS = {"hash_erfinv": hash_erfinv, "hash_box_muller": hash_box_muller,
+GENERATORS = {"hash_erfinv": hash_erfinv, "hash_lax_erfinv": hash_lax_erfinv,
+              "hash_box_muller": hash_box_muller,
               "threefry_normal": threefry_normal}
 
 

@@ -86,6 +86,14 @@ def mode_fn(name: str, loss_fn):
   raise ValueError(f"unknown mode {name!r}")
 
 
+def use_compilation_cache(path) -> None:
+  """Stores and loads every compiled program in ``path`` (None: off)."""
+  if path:
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def compile_mode(name, params, batch, loss_fn):
   fn, make_state = mode_fn(name, loss_fn)
   state = make_state(params)
@@ -103,6 +111,8 @@ def memory(compiled) -> dict:
       "temp": m.temp_size_in_bytes / MiB,
   }
   out["total"] = out["argument"] + out["temp"] + out["output"] - out["alias"]
+  out["hlo_instructions"] = sum(
+      1 for line in compiled.as_text().splitlines() if " = " in line)
   return out
 
 
