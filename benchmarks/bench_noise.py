@@ -39,24 +39,15 @@ def hash_erfinv(seed, shape):
   return noise.gaussian(seed, shape)
 
 
-def _bits(seed, shape):
-  index = noise._flat_index(shape)  # pylint: disable=protected-access
-  return noise.mix32(noise.mix32(index ^ seed[0]) + seed[1])
-
-
-def _to_uniform(bits):
-  return ((bits >> 9).astype(jnp.float32) + 0.5) * np.float32(2.0**-23)
-
-
 def hash_lax_erfinv(seed, shape):
-  u = _to_uniform(_bits(seed, shape))
+  u = noise.uniform(noise.random_bits(seed, shape))
   return np.float32(np.sqrt(2.0)) * lax.erf_inv(2.0 * u - 1.0)
 
 
 def hash_box_muller(seed, shape):
-  bits1 = _bits(seed, shape)
+  bits1 = noise.random_bits(seed, shape)
   bits2 = noise.mix32(bits1 ^ seed[1])
-  u1, u2 = _to_uniform(bits1), _to_uniform(bits2)
+  u1, u2 = noise.uniform(bits1), noise.uniform(bits2)
   return jnp.sqrt(-2.0 * jnp.log(u1)) * jnp.cos(np.float32(2 * np.pi) * u2)
 
 

@@ -114,6 +114,24 @@ def _flat_index(shape, sharding=None) -> jax.Array:
   return index
 
 
+def random_bits(seed: jax.Array, shape, sharding=None) -> jax.Array:
+  """32 hash bits (uint32) per element of ``shape`` from a (2,) ``seed``.
+
+  ``shape`` may hold at most 2**32 elements; ``sharding`` as in
+  :func:`gaussian`.
+  """
+  if int(np.prod(shape, dtype=np.int64)) > _MAX_ELEMENTS:
+    raise ValueError(
+        f"a leaf of shape {tuple(shape)} has more than 2**32 elements; the "
+        "noise generator indexes elements with 32 bits. Split the leaf.")
+  return mix32(mix32(_flat_index(shape, sharding) ^ seed[0]) + seed[1])
+
+
+def uniform(bits: jax.Array) -> jax.Array:
+  """The top 23 of uint32 ``bits`` as float32 on ``[2**-24, 1 - 2**-24]``."""
+  return ((bits >> 9).astype(jnp.float32) + 0.5) * np.float32(2.0**-23)
+
+
 def gaussian(seed: jax.Array, shape, dtype=jnp.float32,
              sharding=None) -> jax.Array:
   """Standard normal sample of ``shape`` from a (2,) uint32 ``seed``.
@@ -128,12 +146,7 @@ def gaussian(seed: jax.Array, shape, dtype=jnp.float32,
   Returns:
     An array of ``shape`` whose entries are i.i.d. N(0, 1) (to hash quality).
   """
-  if int(np.prod(shape, dtype=np.int64)) > _MAX_ELEMENTS:
-    raise ValueError(
-        f"a leaf of shape {tuple(shape)} has more than 2**32 elements; the "
-        "noise generator indexes elements with 32 bits. Split the leaf.")
-  bits = mix32(mix32(_flat_index(shape, sharding) ^ seed[0]) + seed[1])
-  u = ((bits >> 9).astype(jnp.float32) + 0.5) * np.float32(2.0**-23)
+  u = uniform(random_bits(seed, shape, sharding))
   return fusible.normal_from_uniform(u).astype(dtype)
 
 
