@@ -15,6 +15,7 @@ from hizoo_jax.checkpoint import (
     save_checkpoint,
 )
 from hizoo_jax.curvature import FactoredHessian
+from hizoo_jax.grouped_curvature import GroupedStats
 from hizoo_jax.estimator import (
     Perturbation,
     PerturbationProbe,
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "FactoredHessian",
+    "GroupedStats",
     "Perturbation",
     "PerturbationProbe",
     "ZOState",

@@ -49,13 +49,15 @@ def _tail(learning_rate, weight_decay, weight_decay_mask, mask):
 def hizoo(
     learning_rate: ScalarOrSchedule,
     mu: ScalarOrSchedule = 1e-3,
-    hessian_smooth: ScalarOrSchedule = 1e-6,
+    hessian_smooth: Optional[ScalarOrSchedule] = None,
     weight_decay: ScalarOrSchedule = 0.0,
     key=0,
     *,
-    estimator: str = "paper",
+    estimator: str = "signed",
+    curvature: Optional[str] = None,
     factored: bool = False,
     min_dim_size_to_factor: Optional[int] = None,
+    curvature_every: Optional[int] = None,
     num_queries: Optional[int] = None,
     mask=None,
     hessian_dtype=None,
@@ -72,12 +74,17 @@ def hizoo(
   Args:
     learning_rate: eta, a float or an optax schedule.
     mu: perturbation scale (float or schedule).
-    hessian_smooth: EMA rate of H in [0, 1] (float or schedule).
+    hessian_smooth: rate at which H moves, in [0, 1] (float or schedule);
+      None: the estimator's default (see ``scale_by_hizoo``).
     weight_decay: lambda (float or schedule).
     key: seed or PRNG key for the noise.
-    estimator: ``"paper"`` or ``"reference"`` (see ``scale_by_hizoo``).
+    estimator: ``"signed"`` (learned grouped curvature, default),
+      ``"paper"`` or ``"reference"`` (see ``scale_by_hizoo``).
+    curvature: ``"tensor"``, ``"row"``, ``"column"``, ``"factored"`` or
+      ``"element"`` (None: the estimator's default).
     factored: keep H factored (HiZOO-L); see also :func:`hizoo_l`.
     min_dim_size_to_factor: smallest factored axis (None: 128).
+    curvature_every: probe the curvature every k-th step (None: 1).
     num_queries: perturbations averaged per step (None: 1).
     mask: tree of bools or callable; False leaves are frozen.
     hessian_dtype: dtype of H (None: float32).
@@ -91,16 +98,18 @@ def hizoo(
     >>> import jax.numpy as jnp, optax, hizoo_jax as hz
     >>> params = {"w": jnp.ones((2, 2))}
     >>> loss = lambda p: jnp.sum(p["w"] ** 2)
-    >>> tx = hz.hizoo(learning_rate=1e-2, mu=1e-3, hessian_smooth=1e-2)
+    >>> tx = hz.hizoo(learning_rate=1e-2, mu=1e-3)
     >>> state = tx.init(params)
     >>> updates, state = tx.update(None, state, params, value_fn=loss)
     >>> params = optax.apply_updates(params, updates)
   """
   return optax.chain(
       _estimator.scale_by_hizoo(
-          mu, hessian_smooth, estimator=estimator, factored=factored,
+          mu, hessian_smooth, estimator=estimator, curvature=curvature,
+          factored=factored,
           min_dim_size_to_factor=(
               128 if min_dim_size_to_factor is None else min_dim_size_to_factor),
+          curvature_every=1 if curvature_every is None else curvature_every,
           num_queries=1 if num_queries is None else num_queries,
           mask=mask, key=key,
           hessian_dtype=jnp.float32 if hessian_dtype is None else hessian_dtype),
@@ -111,12 +120,13 @@ def hizoo(
 def hizoo_l(
     learning_rate: ScalarOrSchedule,
     mu: ScalarOrSchedule = 1e-3,
-    hessian_smooth: ScalarOrSchedule = 1e-6,
+    hessian_smooth: Optional[ScalarOrSchedule] = None,
     weight_decay: ScalarOrSchedule = 0.0,
     key=0,
     *,
-    estimator: str = "paper",
+    estimator: str = "signed",
     min_dim_size_to_factor: Optional[int] = None,
+    curvature_every: Optional[int] = None,
     num_queries: Optional[int] = None,
     mask=None,
     hessian_dtype=None,
@@ -132,13 +142,15 @@ def hizoo_l(
     >>> import jax.numpy as jnp, hizoo_jax as hz
     >>> tx = hz.hizoo_l(1e-2, min_dim_size_to_factor=2)
     >>> state = tx.init({"w": jnp.ones((4, 3))})
-    >>> state[0].hessian["w"].row.shape, state[0].hessian["w"].col.shape
-    ((4,), (3,))
+    >>> rows, cols = state[0].hessian  # trees of row and column factors
+    >>> rows["w"].shape, cols["w"].shape
+    ((4, 1), (1, 3))
   """
   return hizoo(
       learning_rate, mu, hessian_smooth, weight_decay, key,
       estimator=estimator, factored=True,
-      min_dim_size_to_factor=min_dim_size_to_factor, num_queries=num_queries,
+      min_dim_size_to_factor=min_dim_size_to_factor,
+      curvature_every=curvature_every, num_queries=num_queries,
       mask=mask, hessian_dtype=hessian_dtype,
       weight_decay_mask=weight_decay_mask)
 

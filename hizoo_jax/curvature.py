@@ -1,4 +1,4 @@
-"""The diagonal curvature estimate H of HiZOO, full or factored (HiZOO-L).
+"""The published HiZOO curvature rules ("paper" and "reference"), full or factored.
 
 A leaf's curvature is either
 
@@ -24,9 +24,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from hizoo_jax import noise
+from hizoo_jax import _xla
 
 
 @jax.tree_util.register_dataclass
@@ -127,32 +126,9 @@ def ema(h, estimate: jax.Array, rate: jax.Array, reference: bool = False):
     return step(h, estimate)
   return dataclasses.replace(
       h,
-      row=step(h.row, fused_mean(estimate, h.col_axis)),
-      col=step(h.col, fused_mean(estimate, h.row_axis)),
+      row=step(h.row, _xla.fused_mean(estimate, h.col_axis)),
+      col=step(h.col, _xla.fused_mean(estimate, h.row_axis)),
   )
-
-
-def _single_cpu_device() -> bool:
-  return jax.default_backend() == "cpu" and jax.device_count() == 1
-
-
-def fused_mean(x: jax.Array, axis: int) -> jax.Array:
-  """Mean of ``x`` over ``axis``, reduced without storing ``x`` on XLA:CPU.
-
-  XLA:CPU hands a plain float sum to YNNPACK, which first stores the whole
-  operand: here a leaf-sized estimate, 4 bytes per parameter of the largest
-  factored leaf. One reduction with two outputs, the sum and the count of
-  entries, stays in XLA's own loop fusion, which computes the operand as it
-  reduces. The SPMD partitioner cannot split a two-output reduction (it
-  all-gathers the operand), so that form is used only on a single CPU
-  device, and ``jnp.mean`` everywhere else (GPU and TPU fuse it).
-  """
-  if not _single_cpu_device():
-    return jnp.mean(x, axis=axis)
-  count = jnp.ones_like(x, dtype=jnp.int32)
-  total, n = lax.reduce((x, count), (np.zeros((), x.dtype), np.int32(0)),
-                        lambda a, b: (a[0] + b[0], a[1] + b[1]), (axis,))
-  return total / n.astype(total.dtype)
 
 
 def updated_array(h):
@@ -160,13 +136,33 @@ def updated_array(h):
   return h.col if isinstance(h, FactoredHessian) else h
 
 
+def paper_update(reference: bool, hess: list, stats, second, draw, shapes,
+                 rate, probe):
+  """Eq. 8-9 (or the official code's form) on every trainable leaf.
+
+  ``draw`` is a :class:`hizoo_jax.noise.Draws`; ``stats`` is unused (None).
+  Returns ``(new hess list, stats)``.
+  """
+  del shapes
+  rate = jnp.where(probe, rate, 0.0)
+  new, previous = list(hess), None
+  for i, h in enumerate(hess):
+    if h is None:
+      continue
+    new[i] = ema_step(h, second, lambda j, salt, i=i: draw.z(i, j, salt),
+                      second.shape[0], rate, reference, previous, draw.salt)
+    if isinstance(h, FactoredHessian):
+      previous = new[i].col
+  return new, stats
+
+
 def ema_step(h, second, z_of_query, num_queries, rate, reference, after,
-             zero):
+             salt_of):
   """H after one EMA step; z is drawn afresh for every consumer.
 
-  Each draw is salted with a different zero (``zero``, from the step count,
-  which is never negative, or :func:`hizoo_jax.noise.zero_after` of an
-  array), so none is shared with ``shift``'s draw or the update's. The full H's draw must not
+  Each draw is salted with a different zero (``salt_of`` consumer 0 or of
+  an array, :meth:`hizoo_jax.noise.Draws.salt`), so none is shared with ``shift``'s draw or
+  the update's. The full H's draw must not
   read H itself: its update would then not be elementwise, and XLA would
   not write it in place. Where a reduction stores its operand (XLA:CPU
   with more than one device, see :func:`fused_mean`), the factored form's
@@ -174,7 +170,7 @@ def ema_step(h, second, z_of_query, num_queries, rate, reference, after,
   previous factored leaf, ``after``): one leaf-sized temporary at a time.
   """
   def estimate_after(order):
-    salt = order if jnp.ndim(order) == 0 else noise.zero_after(order)
+    salt = salt_of(order)
     # H as read by this estimate also waits for ``order``, so that XLA does
     # not expand every leaf's factored H at once.
     h_read = jax.tree.map(lambda a: jnp.where(salt == 0, a, 1), h)
@@ -183,8 +179,8 @@ def ema_step(h, second, z_of_query, num_queries, rate, reference, after,
                         reference)
 
   if not isinstance(h, FactoredHessian):
-    return ema(h, estimate_after(zero), rate, reference)
-  rows = ema(h, estimate_after(zero if after is None else after), rate,
+    return ema(h, estimate_after(0), rate, reference)
+  rows = ema(h, estimate_after(0 if after is None else after), rate,
              reference)
   cols = ema(h, estimate_after(rows.row), rate, reference)
   return dataclasses.replace(rows, col=cols.col)

@@ -18,7 +18,9 @@ import optax
 from jax import lax
 
 from hizoo_jax import _checks
+from hizoo_jax import _xla
 from hizoo_jax import curvature
+from hizoo_jax import grouped_curvature
 from hizoo_jax import fusible
 from hizoo_jax import noise
 
@@ -30,9 +32,15 @@ class ZOState(NamedTuple):
 
   count: jax.Array  # (), int32: steps taken; selects the next step's noise.
   rng_key: jax.Array  # (k,), uint32: raw words of the run's PRNG key.
-  hessian: Any  # HiZOO: tree like params of float arrays (leaf shape),
-  # curvature.FactoredHessian or optax.MaskedNode (masked leaves); MeZO: None.
-  loss: jax.Array  # (), float32: last step's L(theta) (MeZO: (l+ + l-) / 2).
+  hessian: Any  # HiZOO "signed": a tuple of 1 (2 for "factored") trees like
+  # params of float32 factors (the leaf's ndim, size 1 on shared axes; H is
+  # their product); "paper"/"reference": a tree like params of arrays of the
+  # leaf's shape or FactoredHessian; optax.MaskedNode on masked leaves.
+  # MeZO: None.
+  curvature_stats: Any  # "signed": GroupedStats (float32/int32 scalars);
+  # otherwise None.
+  loss: jax.Array  # (), float32: last step's L(theta) (MeZO, and HiZOO steps
+  # that do not probe the curvature: (l+ + l-) / 2).
   loss_plus: jax.Array  # (), float32: last step's mean L(theta + mu s z).
   loss_minus: jax.Array  # (), float32: last step's mean L(theta - mu s z).
   projected_grad: jax.Array  # (), float32: mean of (l+ - l-) / (2 mu).
@@ -44,14 +52,17 @@ class Perturbation(NamedTuple):
 
   ``shift(params, coeff, query)`` returns ``params + coeff * mu * s * z_query``
   on the trainable leaves (others unchanged); ``coeff`` and ``query`` may be
-  traced. The step evaluates L(theta) if ``evaluates_center`` and, for each
-  query ``j < num_queries``, L at ``shift(theta, +1, j)`` and ``shift(theta,
-  -1, j)``; those values can be handed back to ``update`` as ``zo_losses``.
+  traced. The step evaluates, for each query ``j < num_queries``, L at
+  ``shift(theta, +1, j)`` and ``shift(theta, -1, j)``, and L(theta) if
+  ``evaluates_center`` and ``count % center_every == 0`` (``count``: the
+  estimator state's step count); those values can be handed back to
+  ``update`` as ``zo_losses`` (a center that was not evaluated: any value).
   """
 
   shift: Callable[[Any, Any, Any], Any]
   num_queries: int
   evaluates_center: bool
+  center_every: int = 1
 
 
 class PerturbationProbe:
@@ -66,6 +77,71 @@ class PerturbationProbe:
     self.perturbation: Optional[Perturbation] = None
 
 
+class _Rule(NamedTuple):
+  """A curvature rule: how H is stored, read and updated."""
+
+  granularities: tuple[str, ...]
+  default_rate: float
+  init: Callable  # (shape, granularity, factored axes, dtype, sharding)
+  init_stats: Callable[[], Any]
+  inv_sqrt: Callable[[Any], jax.Array]  # H^{-1/2}, broadcastable to the leaf.
+  update: Callable  # (hess, stats, second, draws, shapes, rate, probe)
+  last_array: Callable[[Any], jax.Array]  # what the update's z waits for.
+  shapes_fit: Callable[[Any, tuple], bool]
+  split: Callable  # (state.hessian, treedef) -> per leaf (None: frozen)
+  join: Callable  # (per leaf, treedef) -> state.hessian
+
+
+def _paper_init(shape, granularity, axes, dtype, sharding):
+  return curvature.init(
+      shape, axes if granularity == "factored" else None, dtype, sharding)
+
+
+def _paper_shapes_fit(h, shape):
+  return curvature.actual_shapes(h) == curvature.expected_shapes(h, shape)
+
+
+def _paper_split(hessian, treedef):
+  return [None if isinstance(h, optax.MaskedNode) else h
+          for h in treedef.flatten_up_to(hessian)]
+
+
+def _paper_join(per_leaf, treedef):
+  return treedef.unflatten(
+      [optax.MaskedNode() if h is None else h for h in per_leaf])
+
+
+def _paper_rule(reference):
+  return _Rule(
+      granularities=("element", "factored"),
+      default_rate=1e-6,
+      init=_paper_init,
+      init_stats=lambda: None,
+      inv_sqrt=lambda h: fusible.rsqrt(curvature.expand(h)),
+      update=functools.partial(curvature.paper_update, reference),
+      last_array=curvature.updated_array,
+      shapes_fit=_paper_shapes_fit,
+      split=_paper_split,
+      join=_paper_join)
+
+
+RULES = {
+    "signed": _Rule(
+        granularities=grouped_curvature.GRANULARITIES,
+        default_rate=grouped_curvature.DEFAULT_RATE,
+        init=grouped_curvature.init,
+        init_stats=grouped_curvature.init_stats,
+        inv_sqrt=grouped_curvature.inv_sqrt,
+        update=grouped_curvature.update,
+        last_array=lambda h: h[0],
+        shapes_fit=grouped_curvature.shapes_fit,
+        split=grouped_curvature.split,
+        join=grouped_curvature.join),
+    "paper": _paper_rule(False),
+    "reference": _paper_rule(True),
+}
+
+
 def _at_step(value: ScalarOrSchedule, count: jax.Array) -> jax.Array:
   value = value(count) if callable(value) else value
   return jnp.asarray(value, jnp.float32)
@@ -75,26 +151,44 @@ def _zo_estimator(
     *,
     mu: ScalarOrSchedule,
     hessian_smooth: Optional[ScalarOrSchedule],
-    estimator: str,
-    factored: bool,
+    estimator: Optional[str],
+    granularity: Optional[str],
     min_dim_size_to_factor: int,
+    curvature_every: int,
     num_queries: int,
     mask,
     key,
     hessian_dtype,
 ) -> optax.GradientTransformationExtraArgs:
-  """HiZOO when ``hessian_smooth`` is given, MeZO when it is None."""
-  with_curvature = hessian_smooth is not None
-  _checks.check_hyperparams(mu, hessian_smooth)
-  if estimator not in ("paper", "reference"):
-    raise ValueError(
-        f"estimator must be 'paper' or 'reference', got {estimator!r}.")
+  """HiZOO when ``estimator`` is given, MeZO when it is None."""
+  with_curvature = estimator is not None
+  rule = None
+  if with_curvature:
+    if estimator not in RULES:
+      raise ValueError(
+          f"estimator must be one of {sorted(RULES)}, got {estimator!r}.")
+    rule = RULES[estimator]
+    if hessian_smooth is None:
+      hessian_smooth = rule.default_rate
+    if granularity is None:
+      granularity = rule.granularities[0]
+    if granularity not in rule.granularities:
+      raise ValueError(
+          f"estimator {estimator!r} keeps curvature per one of "
+          f"{rule.granularities}, got curvature={granularity!r}.")
+  _checks.check_hyperparams(mu, hessian_smooth if with_curvature else None)
   num_queries = _checks.static_int(num_queries, "num_queries", 1)
+  every = _checks.static_int(curvature_every, "curvature_every", 1)
   min_dim = _checks.static_int(
       min_dim_size_to_factor, "min_dim_size_to_factor", 1)
-  if with_curvature and not jnp.issubdtype(hessian_dtype, jnp.floating):
+  param_dtype_h = isinstance(hessian_dtype, str) and hessian_dtype == "param"
+  if param_dtype_h and estimator != "reference":
+    raise ValueError(
+        'hessian_dtype="param" (H in the parameter dtype, as the official '
+        'code keeps it) is only offered with estimator="reference".')
+  if with_curvature and not param_dtype_h and not jnp.issubdtype(
+      hessian_dtype, jnp.floating):
     raise TypeError(f"hessian_dtype must be a float dtype, got {hessian_dtype}.")
-  reference = estimator == "reference"
 
   def flatten(params):
     """Leaves, paths, treedef and the trainable flag of every leaf."""
@@ -108,17 +202,18 @@ def _zo_estimator(
 
   def init_fn(params):
     leaves, _, treedef, trainable = flatten(params)
-    hessian = None
+    hessian = stats = None
     if with_curvature:
-      hessian = treedef.unflatten([
-          curvature.init(
-              jnp.shape(x),
-              curvature.factored_axes(jnp.shape(x), min_dim) if factored else None,
-              hessian_dtype,
+      hessian = rule.join([
+          rule.init(
+              jnp.shape(x), granularity,
+              curvature.factored_axes(jnp.shape(x), min_dim),
+              jnp.result_type(x) if param_dtype_h else hessian_dtype,
               noise.explicit_sharding(x),
-          ) if keep else optax.MaskedNode()
+          ) if keep else None
           for x, keep in zip(leaves, trainable)
-      ])
+      ], treedef)
+      stats = rule.init_stats()
     def zero():  # A distinct buffer per field, so the state can be donated.
       return jnp.zeros([], jnp.float32)
 
@@ -126,6 +221,7 @@ def _zo_estimator(
         count=jnp.zeros([], jnp.int32),
         rng_key=noise.key_words(key),
         hessian=hessian,
+        curvature_stats=stats,
         loss=zero(), loss_plus=zero(), loss_minus=zero(),
         projected_grad=zero(),
         skipped=jnp.zeros([], jnp.int32),
@@ -135,18 +231,23 @@ def _zo_estimator(
     if not with_curvature:
       return [None] * len(leaves)
     try:
-      hess = treedef.flatten_up_to(state.hessian)
+      hess = rule.split(state.hessian, treedef)
     except (ValueError, TypeError) as e:
       raise ValueError(
           "params do not have the structure the optimizer state was "
           "initialised with.") from e
     for h, x, path, keep in zip(hess, leaves, paths, trainable):
-      if keep and curvature.actual_shapes(h) != curvature.expected_shapes(
-          h, jnp.shape(x)):
+      if keep != (h is not None):
+        raise ValueError(
+            f"parameter {jax.tree_util.keystr(path)} is "
+            f"{'trainable' if keep else 'masked'} but its curvature state "
+            "says otherwise; was the state initialised with another mask?")
+      if keep and not rule.shapes_fit(h, jnp.shape(x)):
         raise ValueError(
             f"parameter {jax.tree_util.keystr(path)} has shape {jnp.shape(x)}"
-            f" but its curvature state has shapes {curvature.actual_shapes(h)}"
-            "; was the state initialised with other params?")
+            f" but its curvature state has shapes "
+            f"{[jnp.shape(a) for a in jax.tree.leaves(h)]}; was the state "
+            "initialised with other params or another estimator?")
     return hess
 
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
@@ -155,13 +256,19 @@ def _zo_estimator(
     hess = curvature_leaves(state, treedef, leaves, paths, trainable)
     hashes = [noise.path_hash(p) for p in paths]
     mu_t = _at_step(mu, state.count)
+    probe = (state.count % every) == 0
 
-    def z(i, query, after=None):
+    def z(i, query, order=None):
       seed = noise.leaf_seed(state.rng_key, state.count, query, hashes[i])
-      if after is not None:
-        seed = seed ^ (noise.zero_after(after) if jnp.ndim(after) else after)
-      return noise.gaussian(seed, jnp.shape(leaves[i]),
-                            sharding=noise.explicit_sharding(leaves[i]))
+      if order is not None:
+        seed = seed ^ draws.salt(order)
+      z_i = noise.gaussian(seed, jnp.shape(leaves[i]),
+                           sharding=noise.explicit_sharding(leaves[i]))
+      if order is None:
+        return z_i
+      return _xla.computed_like(z_i, leaves[i], draws.salt(order))
+
+    draws = noise.Draws(z=z, zero=(state.count >> 31).astype(jnp.uint32))
 
     def shift(tree, coeff, query):
       out = treedef.flatten_up_to(tree)
@@ -169,63 +276,63 @@ def _zo_estimator(
         if keep:
           step = (coeff * mu_t) * z(i, query)
           if with_curvature:
-            step = step * fusible.rsqrt(curvature.expand(hess[i]))
+            step = step * rule.inv_sqrt(hess[i])
           dtype = jnp.promote_types(out[i].dtype, jnp.float32)
           out[i] = (out[i].astype(dtype) + step).astype(out[i].dtype)
       return treedef.unflatten(out)
 
-    probe = extra_args.get("zo_probe")
-    if probe is not None:
-      probe.perturbation = Perturbation(shift, num_queries, with_curvature)
+    zo_probe = extra_args.get("zo_probe")
+    if zo_probe is not None:
+      zo_probe.perturbation = Perturbation(
+          shift, num_queries, with_curvature, every)
       return jax.tree.map(jnp.zeros_like, params), state
 
     center, plus, minus = _losses(
-        params, shift, value_fn, extra_args, num_queries, with_curvature)
+        params, shift, value_fn, extra_args, num_queries,
+        with_curvature, probe if every > 1 else None)
     finite = jnp.all(jnp.isfinite(plus)) & jnp.all(jnp.isfinite(minus))
     if with_curvature:
-      finite &= jnp.isfinite(center)
+      finite &= jnp.isfinite(center) | ~probe
     grad = (plus - minus) / (2 * mu_t)  # (q,)
     grad_used = jnp.where(finite, grad, 0.0).astype(jnp.float32)
 
-    new_hess = hess
+    new_hess, new_stats = hess, None
     if with_curvature:
-      rate = jnp.where(finite, _at_step(hessian_smooth, state.count), 0.0)
+      measured = finite & probe
+      rate = _at_step(hessian_smooth, state.count)
       # (l+ - l0) + (l- - l0): each difference is exact in float32 when the
       # losses are within a factor 2, unlike l+ + l- - 2 l0.
-      second = jnp.where(finite, (plus - center) + (minus - center), 0.0)
+      second = jnp.where(measured, (plus - center) + (minus - center), 0.0)
       second = (second / (2 * mu_t**2)).astype(jnp.float32)  # (q,)
-      new_hess = list(hess)
-      previous = None
-      for i, keep in enumerate(trainable):
-        if keep:
-          new_hess[i] = curvature.ema_step(
-              hess[i], second, functools.partial(z, i), num_queries, rate,
-              reference, previous, (state.count >> 31).astype(jnp.uint32))
-          if isinstance(hess[i], curvature.FactoredHessian):
-            previous = new_hess[i].col
+      new_hess, new_stats = rule.update(
+          hess, state.curvature_stats, second, draws,
+          [jnp.shape(x) for x in leaves], rate, measured)
 
     out = []
     for i, (x, keep) in enumerate(zip(leaves, trainable)):
       if not keep:
         out.append(jnp.zeros_like(x))
         continue
-      after = None
-      if with_curvature:
-        after = curvature.updated_array(new_hess[i])
+      after = rule.last_array(new_hess[i]) if with_curvature else None
       direction = sum(grad_used[j] * z(i, j, after)
                       for j in range(num_queries))
       direction = direction / num_queries
       if with_curvature:
-        direction = direction * fusible.rsqrt(curvature.expand(new_hess[i]))
+        direction = direction * rule.inv_sqrt(new_hess[i])
       out.append(direction.astype(x.dtype))
 
     plus_mean, minus_mean = jnp.mean(plus), jnp.mean(minus)
+    side_mean = (plus_mean + minus_mean) / 2
+    if with_curvature:
+      loss = jnp.where(probe, center, side_mean)
+    else:
+      loss = side_mean
     new_state = ZOState(
         count=optax.safe_increment(state.count),
         rng_key=state.rng_key,
-        hessian=treedef.unflatten(new_hess) if with_curvature else None,
-        loss=(center if with_curvature else (plus_mean + minus_mean) / 2
-              ).astype(jnp.float32),
+        hessian=rule.join(new_hess, treedef) if with_curvature else None,
+        curvature_stats=new_stats,
+        loss=loss.astype(jnp.float32),
         loss_plus=plus_mean.astype(jnp.float32),
         loss_minus=minus_mean.astype(jnp.float32),
         projected_grad=jnp.mean(grad).astype(jnp.float32),
@@ -236,14 +343,23 @@ def _zo_estimator(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _losses(params, shift, value_fn, extra_args, num_queries, with_center):
-  """L(theta) (or None) and L(theta +/- mu s z_j) for every query, shape (q,)."""
+def _losses(params, shift, value_fn, extra_args, num_queries, with_center,
+            center_when=None):
+  """L(theta) (or None) and L(theta +/- mu s z_j) for every query, shape (q,).
+
+  ``center_when`` (a traced bool, or None for always) skips L(theta) on the
+  steps that do not probe the curvature (the value is then NaN, unused).
+  """
   given = extra_args.get("zo_losses")
   if given is not None:
     center, plus, minus = given
     plus = jnp.reshape(jnp.asarray(plus, jnp.float32), (num_queries,))
     minus = jnp.reshape(jnp.asarray(minus, jnp.float32), (num_queries,))
-    return (jnp.asarray(center, jnp.float32) if with_center else None), plus, minus
+    if with_center:
+      center = jnp.asarray(center, jnp.float32)
+      if center_when is not None:
+        center = jnp.where(center_when, center, jnp.nan)
+    return (center if with_center else None), plus, minus
   if value_fn is None:
     raise ValueError(
         "zeroth-order estimators need the loss: call update(updates, state, "
@@ -253,7 +369,13 @@ def _losses(params, shift, value_fn, extra_args, num_queries, with_center):
   def loss_at(tree, where):
     return _checks.check_loss(value_fn(tree, **kwargs), where)
 
-  center = loss_at(params, "theta") if with_center else None
+  center = None
+  if with_center and center_when is None:
+    center = loss_at(params, "theta")
+  elif with_center:
+    center = lax.cond(center_when,
+                      lambda p: loss_at(p, "theta").astype(jnp.float32),
+                      lambda p: jnp.full([], jnp.nan, jnp.float32), params)
 
   def pair(query):
     return (loss_at(shift(params, 1.0, query), "theta + mu*s*z"),
@@ -268,11 +390,13 @@ def _losses(params, shift, value_fn, extra_args, num_queries, with_center):
 
 def scale_by_hizoo(
     mu: ScalarOrSchedule,
-    hessian_smooth: ScalarOrSchedule,
+    hessian_smooth: Optional[ScalarOrSchedule] = None,
     *,
-    estimator: str = "paper",
+    estimator: str = "signed",
+    curvature: Optional[str] = None,
     factored: bool = False,
     min_dim_size_to_factor: int = 128,
+    curvature_every: int = 1,
     num_queries: int = 1,
     mask=None,
     key=0,
@@ -285,33 +409,52 @@ def scale_by_hizoo(
 
   .. math::
     l_0 = L(\theta),\quad l_\pm = L(\theta \pm \mu s z),\quad
-    D = l_+ + l_- - 2 l_0,\quad g = (l_+ - l_-) / (2\mu)
+    q = \frac{l_+ + l_- - 2 l_0}{2\mu^2},\quad g = \frac{l_+ - l_-}{2\mu}
 
-    h = \frac{D}{2\mu^2} H (z^2 - 1),\qquad
-    H \leftarrow H + \alpha (|h| - H)
+  updates H from ``q`` and z, and returns ``g * z * H^{-1/2}`` with the new H
+  (downstream transformations scale it, e.g. by ``-learning_rate``).
 
-  and returns ``g * z * H^{-1/2}`` with the new H (downstream transformations
-  scale it, e.g. by ``-learning_rate``). ``h`` is unbiased for the diagonal of
-  the loss Hessian before the absolute value. With ``num_queries = q`` the
-  estimates ``h`` and ``g z`` are averaged over q independent z (l_0 shared).
-  A non-finite l_0, l+ or l- leaves H unchanged, returns zero updates and
-  counts the step in ``skipped``. Three loss evaluations a step.
+  * ``estimator="signed"`` (default): H is shared within groups of
+    coordinates (``curvature``), moved in log space by the signed, baselined
+    estimate ``mean_G(z^2 - 1) (q - b sum(z^2) / d)`` and kept at mean 1
+    (:mod:`hizoo_jax.grouped_curvature`). It learns diag(A) per group in a
+    few hundred to a few thousand steps; the learning rate keeps MeZO's
+    meaning.
+  * ``estimator="paper"``: Eq. 8-9 of the paper, ``h = q H (z^2 - 1)``,
+    ``H <- H + alpha (|h| - H)`` per coordinate (``curvature="element"``) or
+    as row/column means (``"factored"``).
+  * ``estimator="reference"``: the official code, ``h = |q| H z^2``, ``H <-
+    (1 - alpha) H + alpha h``; with ``hessian_dtype="param"`` H is kept in
+    the parameter dtype, as there (fp16: H never moves).
+
+  With ``num_queries = q`` the estimates are averaged over q independent z
+  (l_0 shared). A non-finite l_0, l+ or l- leaves H unchanged, returns zero
+  updates and counts the step in ``skipped``. Three loss evaluations on the
+  steps that probe the curvature (every ``curvature_every``-th), two on the
+  others.
 
   Args:
     mu: perturbation scale (float or schedule of the step count), > 0.
-    hessian_smooth: EMA rate alpha of H in [0, 1] (float or schedule).
-    estimator: ``"paper"`` (Eq. 8-9 above) or ``"reference"``: the official
-      code's ``h = |D| / (2 mu^2) * H * z^2`` and ``H <- (1 - alpha) H +
-      alpha h``, for comparisons.
-    factored: HiZOO-L: keep row/column factors of H for every leaf with
-      ndim >= 2 whose two largest axes have >= ``min_dim_size_to_factor``
-      entries (see :mod:`hizoo_jax.curvature`), a full diagonal for the rest.
-    min_dim_size_to_factor: see ``factored``.
+    hessian_smooth: the rate at which H moves, in [0, 1] (float or schedule);
+      None: 0.05 for "signed" (the largest log-step gain), 1e-6 (the EMA rate
+      alpha) for "paper" and "reference".
+    estimator: ``"signed"``, ``"paper"`` or ``"reference"`` (above).
+    curvature: what shares one curvature value: ``"tensor"`` (default of
+      "signed"), ``"row"`` or ``"column"`` of each matrix, ``"factored"``
+      (row times column, HiZOO-L) or ``"element"`` (default of "paper" and
+      "reference", which offer "element" and "factored" only). Leaves that
+      are not matrices with two axes of at least ``min_dim_size_to_factor``
+      entries keep one value per tensor ("signed") or per element.
+    factored: shorthand for ``curvature="factored"`` (HiZOO-L).
+    min_dim_size_to_factor: see ``curvature``.
+    curvature_every: probe the curvature (evaluate L(theta) and move H) on
+      every k-th step only; the other steps cost two evaluations.
     num_queries: independent perturbations averaged in one step.
     mask: tree of bools like params, or a callable returning one; False
       leaves are never perturbed nor updated and have no curvature state.
     key: int seed, typed PRNG key or raw key data for the noise.
-    hessian_dtype: dtype of H, float32 whatever the parameter dtype.
+    hessian_dtype: dtype of H, float32 whatever the parameter dtype; "param"
+      (estimator "reference" only) keeps it in each parameter's dtype.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update(updates, state,
@@ -322,15 +465,21 @@ def scale_by_hizoo(
     >>> import jax.numpy as jnp, optax, hizoo_jax as hz
     >>> params = {"w": jnp.ones(3)}
     >>> loss = lambda p: jnp.sum(p["w"] ** 2)
-    >>> tx = optax.chain(hz.scale_by_hizoo(1e-3, 1e-2), optax.scale(-0.1))
+    >>> tx = optax.chain(hz.scale_by_hizoo(1e-3), optax.scale(-0.1))
     >>> state = tx.init(params)
     >>> updates, state = tx.update(None, state, params, value_fn=loss)
     >>> params = optax.apply_updates(params, updates)
   """
+  if factored:
+    if curvature not in (None, "factored"):
+      raise ValueError(
+          f"factored=True asks for curvature='factored', got {curvature!r}.")
+    curvature = "factored"
   return _zo_estimator(
       mu=mu, hessian_smooth=hessian_smooth, estimator=estimator,
-      factored=factored, min_dim_size_to_factor=min_dim_size_to_factor,
-      num_queries=num_queries, mask=mask, key=key, hessian_dtype=hessian_dtype)
+      granularity=curvature, min_dim_size_to_factor=min_dim_size_to_factor,
+      curvature_every=curvature_every, num_queries=num_queries, mask=mask,
+      key=key, hessian_dtype=hessian_dtype)
 
 
 def scale_by_mezo(
@@ -368,9 +517,9 @@ def scale_by_mezo(
     ...     None, state, params, value_fn=lambda p: jnp.sum(p["w"] ** 2))
   """
   return _zo_estimator(
-      mu=mu, hessian_smooth=None, estimator="paper", factored=False,
-      min_dim_size_to_factor=1, num_queries=num_queries, mask=mask, key=key,
-      hessian_dtype=jnp.float32)
+      mu=mu, hessian_smooth=None, estimator=None, granularity=None,
+      min_dim_size_to_factor=1, curvature_every=1, num_queries=num_queries,
+      mask=mask, key=key, hessian_dtype=jnp.float32)
 
 
 def find_state(opt_state) -> ZOState:

@@ -26,6 +26,7 @@ A leaf may hold at most 2**32 elements (the index is 32 bits).
 from __future__ import annotations
 
 import zlib
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -167,3 +168,24 @@ def zero_after(x: jax.Array) -> jax.Array:
   # partitioner all-gather it (a parameter-sized collective).
   first = x[(0,) * jnp.ndim(x)].astype(jnp.float32)
   return lax.bitcast_convert_type(first, jnp.uint32) >> 31
+
+
+class Draws(NamedTuple):
+  """z of one step for the curvature rules: ``z(i, j, order)``.
+
+  ``order`` salts the draw of leaf ``i``, query ``j`` with a zero that XLA
+  cannot prove (see :meth:`salt`), so that no two consumers share (and XLA
+  stores) one draw.
+  """
+
+  z: Callable[..., jax.Array]
+  zero: jax.Array  # (), uint32: 0, computed from the step count.
+
+  def salt(self, order) -> jax.Array:
+    """A uint32 zero: distinct per int ``order``, or after an array."""
+    if isinstance(order, int):
+      return self.zero * jnp.uint32(order + 1)
+    order = jnp.asarray(order)
+    if jnp.issubdtype(order.dtype, jnp.unsignedinteger):
+      return order.astype(jnp.uint32)
+    return zero_after(order)

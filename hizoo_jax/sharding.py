@@ -23,8 +23,9 @@ Example:
   >>> shardings = {"w": NamedSharding(mesh, P(None, "model"))}
   >>> tx = hz.hizoo_l(1e-3, min_dim_size_to_factor=2)
   >>> state_sh = hz.state_shardings(tx, params, shardings)
-  >>> state_sh[0].hessian["w"].col.spec
-  P('model',)
+  >>> rows, cols = state_sh[0].hessian  # row and column factors of H
+  >>> cols["w"].spec
+  P(None, 'model')
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hizoo_jax import curvature
+from hizoo_jax import grouped_curvature
 from hizoo_jax.estimator import ZOState
 
 
@@ -103,7 +105,17 @@ class _Assigner:
           col=curvature.factor_sharding(sharding, len(shape), node.row_axis))
     if _is_array_like(node) and tuple(node.shape) == shape:
       return sharding
+    if _is_array_like(node) and len(node.shape) == len(shape) and all(
+        a in (1, n) for a, n in zip(node.shape, shape)):
+      # A curvature factor: sharded like the leaf on the axes it keeps.
+      return grouped_curvature.factor_sharding(sharding, shape, node.shape)
     return self.everything_replicated(node)
+
+  def like_leaves(self, tree):
+    """Shardings of a tree with one entry per parameter."""
+    entries = self.treedef.flatten_up_to(tree)
+    return self.treedef.unflatten(
+        [self.entry(i, e) for i, e in enumerate(entries)])
 
   def everything_replicated(self, node):
     return jax.tree.map(lambda _: self.replicated, node)
@@ -127,10 +139,10 @@ class _Assigner:
   def assign(self, node):
     if isinstance(node, ZOState):
       hessian = node.hessian
-      if hessian is not None:
-        entries = self.treedef.flatten_up_to(hessian)
-        hessian = self.treedef.unflatten(
-            [self.entry(i, h) for i, h in enumerate(entries)])
+      if isinstance(hessian, tuple):  # "signed": trees of factors
+        hessian = tuple(self.like_leaves(t) for t in hessian)
+      elif hessian is not None:
+        hessian = self.like_leaves(hessian)
       return self.everything_replicated(node)._replace(hessian=hessian)
     if node is None or isinstance(node, optax.MaskedNode):
       return node
@@ -184,8 +196,8 @@ def state_shardings(
     >>> params = {"w": jnp.ones((8, 4)), "b": jnp.ones(4)}
     >>> specs = {"w": P("data", None), "b": P()}
     >>> sh = hz.state_shardings(hz.hizoo(1e-3), params, specs, mesh=mesh)
-    >>> sh[0].hessian["w"].spec, sh[0].count.spec
-    (P('data', None), P())
+    >>> sh[0].hessian[0]["w"].spec, sh[0].count.spec  # one H per tensor
+    (P(None, None), P())
   """
   if not isinstance(optimizer, optax.GradientTransformation):
     raise TypeError(

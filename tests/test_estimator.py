@@ -115,6 +115,61 @@ def test_hizoo_matches_numpy_over_steps(estimator, factored):
   assert np.abs(changed - 1).max() > 1e-3  # the test did exercise H != 1.
 
 
+def per_leaf(hessian):
+  """The "signed" state's factor trees as name -> list of float64 factors."""
+  return {n: [np.asarray(t[n], np.float64) for t in hessian]
+          for n in hessian[0]}
+
+
+@pytest.mark.parametrize("granularity, every", [
+    ("tensor", 1), ("row", 1), ("factored", 1), ("element", 1),
+    ("tensor", 2)])
+def test_signed_matches_numpy_over_steps(granularity, every):
+  """The default rule against its NumPy float64 statement, fed step_noise."""
+  q = 2 if granularity == "factored" else 1
+  tx = hz.scale_by_hizoo(MU, 0.3, curvature=granularity, num_queries=q,
+                         min_dim_size_to_factor=3, curvature_every=every,
+                         key=7)
+  params = make_params()
+  state = tx.init(params)
+  shapes = {k: [f.shape for f in h] for k, h in per_leaf(state.hessian).items()}
+  if granularity in ("row", "factored"):
+    assert (6, 1) in shapes["w"] and (2, 5, 1) in shapes["t"]
+  if granularity == "factored":
+    assert shapes["w"] == [(6, 1), (1, 4)] and shapes["t"][1] == (2, 1, 3)
+  assert shapes["b"] == {"element": [(4,)], "factored": [(1,), (1,)]}.get(
+      granularity, [(1,)])  # HiZOO-L: two per-tensor factors for a vector
+  step = jax.jit(lambda s, p, l0, lp, lm: tx.update(
+      None, s, p, zo_losses=(l0, lp, lm)))
+  for k in range(4 + 2 * every):  # H moves from the third probe on.
+    theta = f64(params)
+    hess = per_leaf(state.hessian)
+    stats = tuple(float(a) for a in state.curvature_stats)
+    zs = [f64(hz.step_noise(state, params, query=j)) for j in range(q)]
+    scale = {n: 1 / np.sqrt(np.prod(np.broadcast_arrays(*h), axis=0))
+             for n, h in hess.items()}
+    l0 = float(loss_fn(params))
+    lp = [float(loss_fn({n: theta[n] + MU * scale[n] * z[n] for n in theta}))
+          for z in zs]
+    lm = [float(loss_fn({n: theta[n] - MU * scale[n] * z[n] for n in theta}))
+          for z in zs]
+    updates, state = step(state, params, l0, jnp.asarray(lp), jnp.asarray(lm))
+    direction, new_hess, new_stats = ref.signed_step(
+        hess, stats, zs, l0, lp, lm, MU, 0.3, probe=k % every == 0)
+    for n in theta:
+      np.testing.assert_allclose(np.asarray(updates[n]), direction[n],
+                                 rtol=2e-4, atol=1e-5)
+      for got, want in zip(per_leaf(state.hessian)[n], new_hess[n]):
+        np.testing.assert_allclose(got, want, rtol=2e-4)
+    np.testing.assert_allclose(
+        [float(a) for a in state.curvature_stats], new_stats, rtol=2e-4)
+    params = optax.apply_updates(
+        params, jax.tree.map(lambda u: -0.01 * u, updates))
+  moved = [np.abs(f - 1).max()
+           for h in per_leaf(state.hessian).values() for f in h]
+  assert max(moved) > 1e-2  # the test did exercise H != 1.
+
+
 def test_mezo_matches_numpy():
   tx = hz.scale_by_mezo(MU, key=3)
   params = make_params()
@@ -147,7 +202,8 @@ def np_quadratic(p):
 @pytest.mark.parametrize("factored", [False, True])
 def test_num_queries_average_matches_numpy(factored):
   mu, q = 0.1, 3  # A large mu keeps float32 loss differences accurate.
-  tx = hz.scale_by_hizoo(mu, 0.5, num_queries=q, factored=factored,
+  tx = hz.scale_by_hizoo(mu, 0.5, estimator="paper", num_queries=q,
+                         factored=factored,
                          min_dim_size_to_factor=3, key=11)
   params = make_params()
   state = tx.init(params)
@@ -197,7 +253,7 @@ def test_half_precision_params_keep_a_float32_hessian(dtype):
   """bf16/fp16 params: H in float32 evolves as for float32 params (same l, z)."""
   params32 = make_params()
   params16 = jax.tree.map(lambda x: x.astype(dtype), params32)
-  tx = hz.scale_by_hizoo(MU, 1e-3, key=2)
+  tx = hz.scale_by_hizoo(MU, 1e-3, estimator="paper", key=2)
   s16, s32 = tx.init(params16), tx.init(params32)
   assert all(h.dtype == jnp.float32 for h in jax.tree.leaves(s16.hessian))
   for _ in range(3):
@@ -217,7 +273,7 @@ def test_float32_resolution_of_the_ema():
   params = {"w": jnp.ones((3,))}
   big = (0.0, [1e3], [1e3])  # D / (2 mu^2) huge: the estimate is ~1e9 * H.
   for rate, moves in [(1e-8, True), (1e-20, False)]:
-    tx = hz.scale_by_hizoo(1e-3, rate)
+    tx = hz.scale_by_hizoo(1e-3, rate, estimator="paper")
     state = tx.init(params)
     _, state = tx.update(None, state, params, zo_losses=big)
     assert bool(np.any(np.asarray(state.hessian["w"]) != 1.0)) == moves

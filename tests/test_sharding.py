@@ -49,8 +49,8 @@ def mlp_loss(p, batch, out_sharding=None):
 
 def optimizers():
   return {
-      "hizoo": hz.hizoo(5e-3, mu=5e-2, hessian_smooth=1e-2),
-      "hizoo_l": hz.hizoo_l(5e-3, mu=5e-2, hessian_smooth=1e-2,
+      "hizoo": hz.hizoo(5e-3, mu=5e-2, hessian_smooth=0.5),
+      "hizoo_l": hz.hizoo_l(5e-3, mu=5e-2, hessian_smooth=0.5,
                             min_dim_size_to_factor=8),
       "mezo": hz.mezo(5e-3, mu=5e-2),
   }
@@ -115,23 +115,24 @@ def test_state_shardings_follow_params():
   params = make_params()
   p_sh = place(mesh, specs)
   full = state_shardings(optimizers()["hizoo"], params, p_sh)
-  for name, spec in specs.items():
-    assert full[0].hessian[name].spec == spec
-  for leaf in (full[0].count, full[0].rng_key, full[0].loss, full[0].skipped):
+  factors, = full[0].hessian  # one value per tensor: replicated.
+  for name in specs:
+    assert all(axis is None for axis in factors[name].spec)
+  for leaf in (full[0].count, full[0].rng_key, full[0].loss, full[0].skipped,
+               *full[0].curvature_stats):
     assert leaf.spec == P()
 
-  fact = state_shardings(optimizers()["hizoo_l"], params, p_sh)[0].hessian
-  # w1 (16, 32) P(None, "model"): row keeps axis 0 (None), col axis 1.
-  assert isinstance(fact["w1"], hz.FactoredHessian)
-  assert fact["w1"].row.spec == P(None) and fact["w1"].col.spec == P("model")
-  assert fact["w2"].row.spec == P("model") and fact["w2"].col.spec == P(None)
-  assert fact["b1"].spec == P("model")
+  rows, cols = state_shardings(optimizers()["hizoo_l"], params, p_sh)[0].hessian
+  # w1 (16, 32) P(None, "model"): rows (16, 1) keep axis 0, cols (1, 32) 1.
+  assert (rows["w1"].spec, cols["w1"].spec) == (P(None, None), P(None, "model"))
+  assert (rows["w2"].spec, cols["w2"].spec) == (P("model", None), P(None, None))
+  assert (rows["b1"].spec, cols["b1"].spec) == (P(None), P(None))
 
   specs42 = MESHES[(4, 2)][1]
-  fact = state_shardings(optimizers()["hizoo_l"], params,
-                         place(auto_mesh((4, 2)), specs42))[0].hessian
-  assert fact["w1"].row.spec == P("data") and fact["w1"].col.spec == P("model")
-  assert fact["w2"].row.spec == P("model") and fact["w2"].col.spec == P("data")
+  rows, cols = state_shardings(optimizers()["hizoo_l"], params,
+                               place(auto_mesh((4, 2)), specs42))[0].hessian
+  assert (rows["w1"].spec, cols["w1"].spec) == (P("data", None), P(None, "model"))
+  assert (rows["w2"].spec, cols["w2"].spec) == (P("model", None), P(None, "data"))
 
 
 def test_state_shardings_through_adam_masks_and_inject_hyperparams():
@@ -139,8 +140,9 @@ def test_state_shardings_through_adam_masks_and_inject_hyperparams():
   specs = MESHES[(2, 4)][1]
   params = make_params()
   mask = {"w1": True, "b1": False, "w2": True, "b2": False}
-  tx = optax.chain(hz.scale_by_hizoo(1e-3, 1e-2, factored=True,
-                                     min_dim_size_to_factor=8, mask=mask),
+  tx = optax.chain(hz.scale_by_hizoo(1e-3, 1e-2, estimator="paper",
+                                     factored=True, min_dim_size_to_factor=8,
+                                     mask=mask),
                    optax.scale_by_adam(), optax.scale_by_learning_rate(1e-3))
   sh = state_shardings(tx, params, specs, mesh=mesh)
   assert isinstance(sh[0].hessian["b1"], optax.MaskedNode)
@@ -150,7 +152,7 @@ def test_state_shardings_through_adam_masks_and_inject_hyperparams():
 
   injected = optax.inject_hyperparams(
       hz.hizoo_l, static_args=("min_dim_size_to_factor",))(
-          learning_rate=1e-3, min_dim_size_to_factor=8)
+          learning_rate=1e-3, estimator="paper", min_dim_size_to_factor=8)
   sh = state_shardings(injected, params, specs, mesh=mesh)
   assert sh.hyperparams["learning_rate"].spec == P()
   assert sh.inner_state[0].hessian["w1"].row.spec == P(None)
@@ -198,13 +200,12 @@ def test_explicit_mesh_keeps_state_shardings_stable():
         assert jax.tree.map(jax.typeof, s) == types, name
         assert jax.tree.map(jax.typeof, p) == jax.tree.map(jax.typeof, params)
       hess = state[0].hessian
-      if name == "hizoo":
-        assert {k: spec_of(v) for k, v in hess.items()} == {
-            k: tuple(v) + (None,) * (params[k].ndim - len(v))
-            for k, v in specs.items()}
-      if name == "hizoo_l":
-        assert spec_of(hess["w1"].col) == ("model",)
-        assert spec_of(hess["w2"].row) == ("model",)
+      if name == "hizoo":  # one value per tensor, replicated
+        assert all(axis is None for h in hess[0].values()
+                   for axis in spec_of(h))
+      if name == "hizoo_l":  # row (m, 1) and column (1, n) factors
+        assert spec_of(hess[1]["w1"]) == (None, "model")
+        assert spec_of(hess[0]["w2"]) == ("model", None)
       # The noise of the next step is sharded like each parameter.
       z = jax.jit(hz.step_noise)(s, p)
       assert jax.tree.map(jax.typeof, z) == jax.tree.map(jax.typeof, p)
@@ -337,18 +338,21 @@ def trajectory_bounds(losses, steps, lr, mu, alpha):
 @pytest.mark.parametrize("name, shapes", [
     ("hizoo_l", [(2, 4), (4, 2)]), ("hizoo", [(8,)])])
 def test_same_trajectory_on_every_mesh(name, shapes):
-  steps, tx = 4, optimizers()[name]
+  steps, tx = 6, optimizers()[name]
   ref_params, ref_state, ref_losses = run_auto(tx, None, steps)
-  params_tol, hess_tol = trajectory_bounds(ref_losses, steps, 5e-3, 5e-2, 1e-2)
+  params_tol, _ = trajectory_bounds(ref_losses, steps, 5e-3, 5e-2, 0.0)
   start = make_params()
   moved = max(float(jnp.max(jnp.abs(ref_params[k] - start[k]))) for k in start)
   assert moved > 50 * params_tol  # the bounds are far below the motion.
   h_moved = max(float(jnp.max(jnp.abs(h - 1)))
                 for h in jax.tree.leaves(ref_state[0].hessian))
-  assert h_moved > 50 * hess_tol
+  assert h_moved > 1e-2
+  # H is a smooth function of the losses and of sums of z: the layouts'
+  # float32 rounding moves it by a tiny fraction of how far it moved.
+  hess_tol = 1e-3 * h_moved
   for shape in shapes:
     params, state, losses = run_auto(tx, shape, steps)
-    np.testing.assert_allclose(losses, ref_losses, rtol=16 * EPS32 * 4)
+    np.testing.assert_allclose(losses, ref_losses, rtol=16 * EPS32 * 6)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0,
                                  atol=params_tol)

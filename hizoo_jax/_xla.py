@@ -1,0 +1,62 @@
+"""Reductions written so that XLA:CPU computes their operand as it reduces.
+
+XLA:CPU hands a plain float sum to YNNPACK, which first stores the whole
+operand: for a sum over a noise expression, a leaf-sized temporary. One
+reduction with two outputs (the sum and a count) stays in XLA's own loop
+fusion, which computes the operand as it goes. The SPMD partitioner cannot
+split a two-output reduction (it would all-gather the operand), so that form
+is used only on a single CPU device, and plain ``jnp.sum`` / ``jnp.mean``
+everywhere else (GPU and TPU fuse them).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+
+def _single_cpu_device() -> bool:
+  return jax.default_backend() == "cpu" and jax.device_count() == 1
+
+
+def _sum_and_count(x: jax.Array, axes: tuple[int, ...]):
+  count = jnp.ones_like(x, dtype=jnp.int32)
+  return lax.reduce((x, count), (np.zeros((), x.dtype), np.int32(0)),
+                    lambda a, b: (a[0] + b[0], a[1] + b[1]), axes)
+
+
+def fused_sum(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """Sum of ``x`` over ``axes`` with the reduced axes kept (size 1)."""
+  axes = tuple(axes)
+  if not axes:
+    return x
+  if not _single_cpu_device():
+    return jnp.sum(x, axis=axes, keepdims=True)
+  total, n = _sum_and_count(x, axes)
+  # Keep the count alive (XLA does not fold a float product with 0): a
+  # one-output reduction would go to YNNPACK again.
+  return jnp.expand_dims(total + 0.0 * n.astype(total.dtype), axes)
+
+
+def fused_mean(x: jax.Array, axis: int) -> jax.Array:
+  """Mean of ``x`` over ``axis`` (the axis removed)."""
+  if not _single_cpu_device():
+    return jnp.mean(x, axis=axis)
+  total, n = _sum_and_count(x, (axis,))
+  return total / n.astype(total.dtype)
+
+
+def computed_like(value: jax.Array, leaf: jax.Array,
+                  zero: jax.Array) -> jax.Array:
+  """``value`` (shaped like ``leaf``), computed where ``leaf``'s shards live.
+
+  On a mesh the SPMD partitioner computes an expression of iotas alone (the
+  noise) in full on every device when it feeds a reduction. Adding ``leaf *
+  zero`` (``zero``: a 0 that XLA cannot prove, so it neither folds the
+  product nor computes it ahead) shards it like the leaf.
+  """
+  if jax.device_count() == 1:
+    return value
+  return value + leaf.astype(value.dtype) * zero.astype(value.dtype)

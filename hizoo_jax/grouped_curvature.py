@@ -1,0 +1,242 @@
+"""HiZOO's default curvature rule: signed, baselined, grouped, in log space.
+
+One HiZOO step yields one scalar about the curvature,
+
+    q = (l+ + l- - 2 l0) / (2 mu^2)  ~  1/2 sum_i lambda_i z_i^2,
+    lambda_i = A_ii / H_i
+
+(A the loss Hessian, H the current estimate, z the step's noise). The
+published rule turns that scalar into d per-coordinate estimates with an
+absolute value, which needs on the order of d^2 steps to carry any
+information (``docs/algorithm.md``). This rule learns H per *group* of
+coordinates instead (a tensor, a row, a column, row x column factors) and
+removes most of the noise before averaging:
+
+    b      = running mean of q                        (baseline, past steps)
+    lam    = 2 b / d                                  (mean of lambda)
+    y      = q - b * (sum_i z_i^2) / d                (q minus its prediction)
+    rho_G  = mean_{i in G}(z_i^2 - 1) * y / lam       E[rho_G] = lam_G/lam - 1
+    v      = running mean of (y / lam)^2              (noise of the residual)
+    log H_G += clip(rate / K * min(1, n_G / (2 v)) * rho_G, +-CLIP)
+    H      /= mean_i H_i                              (mean 1 over all leaves)
+
+``E[(z_i^2 - 1) z_i^2] = 2`` makes ``rho_G`` unbiased for the relative
+mismatch of group G, so H moves up where the step under-estimates the
+curvature and down where it over-estimates it; the fixed point is H
+proportional to the group means of diag(A). Subtracting ``b sum z^2 / d``
+(known once z is drawn) removes the part of q common to all groups, so the
+noise left in ``rho_G`` comes only from the remaining mismatch, the
+off-diagonal curvature and non-quadratic terms; the gain ``min(1, n_G / (2
+v))`` caps the step noise of a group of ``n_G`` coordinates to about
+``rate / 2`` in log H (``v`` measures ``var(y / lam)``). A leaf with ``K``
+factors (HiZOO-L: rows and columns) splits the rate between them.
+
+The mean-1 normalisation keeps ``tr(A / H)``, which bounds the stable
+learning rate of a zeroth-order step, at its value for H = 1 along the way
+to H proportional to diag(A): the learning rate keeps MeZO's meaning.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from hizoo_jax import _xla
+
+GRANULARITIES = ("tensor", "row", "column", "factored", "element")
+DEFAULT_RATE = 0.05
+STATS_RATE = 0.1  # the running means b and v forget at this rate.
+CLIP = 0.5  # at most a factor e^0.5 per factor and step.
+
+
+class GroupedStats(NamedTuple):
+  """Running statistics of the probes, shared by all leaves."""
+
+  baseline: jax.Array  # (), float32: running mean b of q = D / (2 mu^2).
+  spread: jax.Array  # (), float32: running mean v of (y / lam)^2.
+  probes: jax.Array  # (), int32: curvature probes taken.
+
+
+def factor_shapes(shape, granularity: str,
+                  factored_axes: Optional[tuple[int, int]]) -> list[tuple]:
+  """The factor shapes of a leaf of ``shape`` at ``granularity``.
+
+  ``factored_axes`` (for "row", "column", "factored") are the leaf's (row,
+  col) axes, or None for a leaf that is not a matrix (it gets one factor per
+  tensor).
+  """
+  shape = tuple(shape)
+  if granularity == "element":
+    return [shape]
+  if granularity == "tensor" or factored_axes is None:
+    # HiZOO-L keeps two factors per leaf: both per tensor here.
+    return [(1,) * len(shape)] * num_factors(granularity)
+  row_axis, col_axis = factored_axes
+  rows = tuple(1 if a == col_axis else n for a, n in enumerate(shape))
+  cols = tuple(1 if a == row_axis else n for a, n in enumerate(shape))
+  return {"row": [rows], "column": [cols], "factored": [rows, cols]}[granularity]
+
+
+def num_factors(granularity: str) -> int:
+  """How many trees of factors the state holds (HiZOO-L: rows, columns)."""
+  return 2 if granularity == "factored" else 1
+
+
+def split(hessian, treedef) -> list:
+  """Per leaf, the tuple of its factors (None where a leaf is frozen)."""
+  trees = [treedef.flatten_up_to(t) for t in hessian]
+  return [None if isinstance(fs[0], optax.MaskedNode) else tuple(fs)
+          for fs in zip(*trees)]
+
+
+def join(per_leaf: list, treedef, masked=optax.MaskedNode()) -> tuple:
+  """The state's tuple of factor trees from per-leaf tuples (None: frozen)."""
+  count = max((len(h) for h in per_leaf if h is not None), default=1)
+  return tuple(treedef.unflatten([masked if h is None else h[k]
+                                  for h in per_leaf]) for k in range(count))
+
+
+def factor_sharding(sharding, leaf_shape, factor_shape):
+  """A leaf's NamedSharding (or None) for a factor: axes of size 1 unsharded."""
+  if sharding is None:
+    return None
+  spec = list(sharding.spec) + [None] * (len(leaf_shape) - len(sharding.spec))
+  spec = [s if f == n else None
+          for s, f, n in zip(spec, factor_shape, leaf_shape)]
+  return jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def init(shape, granularity, factored_axes, dtype, sharding=None):
+  """H_0 = 1 as a tuple of factors of ``shape`` (see :func:`factor_shapes`)."""
+  return tuple(
+      jnp.ones(f, dtype, out_sharding=factor_sharding(sharding, shape, f))
+      for f in factor_shapes(shape, granularity, factored_axes))
+
+
+def init_stats() -> GroupedStats:
+  return GroupedStats(baseline=jnp.zeros([], jnp.float32),
+                      spread=jnp.zeros([], jnp.float32),
+                      probes=jnp.zeros([], jnp.int32))
+
+
+def hessian(h: tuple) -> jax.Array:
+  """H, broadcastable to the leaf."""
+  out = h[0]
+  for f in h[1:]:
+    out = out * f
+  return out
+
+
+def inv_sqrt(h: tuple) -> jax.Array:
+  """H^{-1/2}, broadcastable to the leaf (rsqrt of the small factors)."""
+  out = lax.rsqrt(h[0])
+  for f in h[1:]:
+    out = out * lax.rsqrt(f)
+  return out
+
+
+def shapes_fit(h: tuple, shape) -> bool:
+  """Whether the factors broadcast to a leaf of ``shape``."""
+  return all(jnp.ndim(f) == len(shape) and all(
+      a in (1, n) for a, n in zip(jnp.shape(f), shape)) for f in h)
+
+
+def _shared_axes(factor_shape, leaf_shape) -> tuple[int, ...]:
+  return tuple(a for a, (f, n) in enumerate(zip(factor_shape, leaf_shape))
+               if f == 1 and n != 1)
+
+
+def _total(h: tuple, leaf_shape) -> jax.Array:
+  """sum_i H_i over the leaf, from the factors (no leaf-sized product)."""
+  if len(h) == 1:
+    f = h[0]
+    return jnp.sum(f.astype(jnp.float32)) * (np.prod(leaf_shape) / f.size)
+  rows, cols = h
+  if rows.size == 1 and cols.size == 1:
+    return jnp.sum(rows * cols) * np.prod(leaf_shape)
+  # rows vary along the row axis only, cols along the col axis only.
+  return jnp.sum(
+      jnp.sum(rows, axis=_shared_axes(cols.shape, leaf_shape), keepdims=True)
+      * jnp.sum(cols, axis=_shared_axes(rows.shape, leaf_shape),
+                keepdims=True))
+
+
+def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
+           rate: jax.Array, probe: jax.Array):
+  """The new factors and statistics after one step (see the module docstring).
+
+  Args:
+    hess: per leaf, the tuple of its factors, or None (frozen leaf).
+    stats: the running statistics.
+    second: (q,) float32, ``D_j / (2 mu^2)`` for each query.
+    draw: a :class:`hizoo_jax.noise.Draws`; ``draw.z(i, j, order)`` is z of
+      leaf i and query j, drawn afresh (salted by ``order``).
+    shapes: the leaves' shapes.
+    rate: the largest gain of log H per step.
+    probe: bool, whether this step measured the curvature (else nothing moves).
+
+  Returns:
+    ``(new hess list, new stats)``.
+  """
+  num_queries = second.shape[0]
+  live = [i for i, h in enumerate(hess) if h is not None]
+  dim = float(sum(np.prod(shapes[i]) for i in live))
+  # Pass over z: its group sums of (z^2 - 1), shape (q, *factor shape). Each
+  # draw waits for the previous sum (its sign bit, 0 for |sum|: see
+  # noise.zero_after): where a reduction stores its operand (XLA:CPU
+  # meshes), one leaf's noise is live at a time.
+  sums, previous = {}, None
+  for i in live:
+    for k, f in enumerate(hess[i]):
+      per_query = []
+      for j in range(num_queries):
+        z = draw.z(i, j, k if previous is None else jnp.abs(previous))
+        previous = _xla.fused_sum(jnp.square(z) - 1.0,
+                                  _shared_axes(f.shape, shapes[i]))
+        per_query.append(previous)
+      sums[i, k] = jnp.stack(per_query)
+  norm_sq = dim + sum(
+      jnp.sum(sums[i, 0].reshape(num_queries, -1), axis=1) for i in live)
+
+  b, v, t = stats
+  lam = 2.0 * b / dim
+  y = second - b * norm_sq / dim  # (q,)
+  usable = probe & (t >= 2) & (lam > 0) & jnp.isfinite(v) & (v > 0)
+  safe_lam = jnp.where(lam > 0, lam, 1.0)
+  safe_v = jnp.where(v > 0, v, 1.0)
+
+  new = list(hess)
+  for i in live:
+    factors = hess[i]
+    moved = []
+    for k, f in enumerate(factors):
+      n = np.prod(shapes[i]) / f.size  # coordinates per group
+      y_b = jnp.reshape(y, (num_queries,) + (1,) * f.ndim)
+      rho = jnp.mean(sums[i, k] * y_b, axis=0) / (n * safe_lam)
+      gain = rate / len(factors) * jnp.minimum(1.0, n / (2.0 * safe_v))
+      step = jnp.where(usable, jnp.clip(gain * rho, -CLIP, CLIP), 0.0)
+      moved.append((f * jnp.exp(step)).astype(f.dtype))
+    new[i] = tuple(moved)
+  mean_h = sum(_total(new[i], shapes[i]) for i in live) / dim
+  mean_h = jnp.where(usable, mean_h, 1.0)
+  for i in live:
+    first, *rest = new[i]
+    new[i] = ((first / mean_h).astype(first.dtype), *rest)
+
+  # Running means: plain averages for the first 1 / STATS_RATE samples.
+  q_mean = jnp.mean(second)
+  b_new = b + jnp.maximum(STATS_RATE, 1.0 / (t + 1)) * (q_mean - b)
+  residual = jnp.mean(jnp.square(y / safe_lam))
+  v_rate = jnp.maximum(STATS_RATE, 1.0 / jnp.maximum(t, 1))
+  v_new = jnp.where((t >= 1) & (lam > 0), v + v_rate * (residual - v), v)
+  new_stats = GroupedStats(
+      baseline=jnp.where(probe, b_new, b).astype(jnp.float32),
+      spread=jnp.where(probe, v_new, v).astype(jnp.float32),
+      probes=t + probe.astype(jnp.int32))
+  return new, new_stats
