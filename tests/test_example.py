@@ -41,6 +41,25 @@ def _write_tsv(path, rows):
       f.write(f"{text}\t{label}\n")
 
 
+def _random_params(model):
+  """Weights drawn as BERT and GPT-2 initialise them (normal, std 0.02;
+  LayerNorm scale 1, biases 0) from the shapes alone: compiling the model's
+  init_weights took about 3 s per tiny model."""
+  shapes = jax.eval_shape(lambda key: model.init_weights(key, (1, 8)),
+                          jax.random.key(0))
+  rng = np.random.default_rng(0)
+
+  def leaf(path, shape):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['scale']"):
+      return np.ones(shape.shape, shape.dtype)
+    if name.endswith("['bias']"):
+      return np.zeros(shape.shape, shape.dtype)
+    return (0.02 * rng.standard_normal(shape.shape)).astype(shape.dtype)
+
+  return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
   """Tiny models (embed, mlm, causal) sharing a WordPiece vocab + data."""
@@ -62,8 +81,7 @@ def assets(tmp_path_factory):
       ("causal", transformers.FlaxGPT2LMHeadModel, gpt)]:
     folder = root / name
     model = cls(config, _do_init=False)
-    init = jax.jit(model.init_weights, static_argnums=1)  # one compilation
-    model.save_pretrained(folder, params=init(jax.random.key(0), (1, 8)))
+    model.save_pretrained(folder, params=_random_params(model))
     tok.save_pretrained(folder)
     models[name] = str(folder)
   data = root / "data"
@@ -124,7 +142,7 @@ def base_run(assets):
   """One finished 2-step run with default flags (hizoo, lora, loss), shared
   by the tests below; tests that change it work on a copy."""
   out = assets["root"] / "runs" / "base-hizoo"
-  metrics = finetune.main(_base_argv(assets, "--output", str(out)))
+  metrics = finetune.main(_base_argv(assets, "--output", str(out), steps=4))
   return out, metrics
 
 
@@ -139,29 +157,28 @@ def _listing(root):
 
 
 def test_hizoo_resume_and_corrupt_checkpoint(assets, base_run, tmp_path):
-  """Default flags (hizoo, lora, loss); --resume continues the exact run; a
-  corrupt newest checkpoint is moved aside and the run resumes from the
-  older one (item 5 through the example)."""
+  """Default flags (hizoo, lora, loss); a corrupt newest checkpoint is moved
+  aside, the run resumes from the one before and repeats the same steps
+  (item 5 through the example)."""
   first = base_run[1]
   out = _copy_run(base_run, tmp_path / "run")
   assert first["config"]["optimizer"] == "hizoo"
-  argv = _base_argv(assets, "--output", str(out), "--resume", steps=4)
-  second = finetune.main(argv)
-  assert second["steps"] == 4
-  assert second["eval_steps"] == [0, 2, 4]
-  assert second["zero_shot_accuracy"] == first["zero_shot_accuracy"]
-  assert second["train_loss"][:2] == first["train_loss"]
+  assert first["eval_steps"] == [0, 2, 4]
+  assert sorted(p.name for p in (out / "checkpoints").iterdir()
+                if p.is_dir()) == ["2", "4"]
   for path in (out / "checkpoints" / "4").rglob("*"):
     if path.is_file():
       path.write_bytes(b"garbage")
   with pytest.warns(RuntimeWarning, match="step 4"):
-    third = finetune.main(_base_argv(assets, "--output", str(out), "--resume",
-                                     steps=6))
+    second = finetune.main(_base_argv(assets, "--output", str(out),
+                                      "--resume", steps=6))
   assert (out / "checkpoints-unreadable" / "4").is_dir()  # kept, not deleted
-  assert third["eval_steps"] == [0, 2, 4, 6]
+  assert second["eval_steps"] == [0, 2, 4, 6]
+  assert second["zero_shot_accuracy"] == first["zero_shot_accuracy"]
   # Steps 3 and 4 were run again from step 2's checkpoint: the same losses.
-  np.testing.assert_allclose(third["train_loss"][:4], second["train_loss"],
+  np.testing.assert_allclose(second["train_loss"][:4], first["train_loss"],
                              rtol=1e-6)
+  assert second["eval_accuracy"][:3] == first["eval_accuracy"]
   for path in (out / "checkpoints").rglob("*"):
     if path.is_file() and path.suffix != ".json":
       path.write_bytes(b"garbage")
@@ -180,7 +197,7 @@ def test_second_run_never_overwrites_a_run(assets, base_run, tmp_path,
   assert _listing(out) == before
   # --overwrite replaces it, and says so.
   copy = _copy_run(base_run, tmp_path / "run")
-  (copy / "checkpoints" / "2").rename(copy / "checkpoints" / "7")
+  (copy / "checkpoints" / "4").rename(copy / "checkpoints" / "7")
   finetune.main(_base_argv(assets, "--output", str(copy), "--overwrite",
                            steps=1))
   assert "--overwrite: removed the previous run" in capsys.readouterr().out
@@ -204,7 +221,7 @@ def test_resume_refuses_other_trajectory_flags(assets, base_run, capsys):
   with pytest.raises(SystemExit):
     finetune.main(_base_argv(assets, "--output", str(out), "--resume",
                              "--objective", "accuracy", "--mu", "0.05",
-                             steps=4))
+                             steps=6))
   err = capsys.readouterr().err.split("error:")[-1]
   assert "--objective 'loss' (now 'accuracy')" in err, err
   assert "--mu 0.001 (now 0.05)" in err, err
@@ -213,7 +230,7 @@ def test_resume_refuses_other_trajectory_flags(assets, base_run, capsys):
   # --lr is compared as resolved: the default for another --peft differs.
   with pytest.raises(SystemExit):
     finetune.main(_base_argv(assets, "--output", str(out), "--resume",
-                             "--peft", "full", steps=4))
+                             "--peft", "full", steps=6))
   err = capsys.readouterr().err.split("error:")[-1]
   assert "--peft 'lora' (now 'full')" in err and "--lr 0.002" in err, err
 
@@ -289,10 +306,12 @@ def test_mezo_run_is_plotted_beside_hizoo_and_eta_skips_compilation(
   [bar] = _FakeBar.made
   assert (bar.total, bar.initial, bar.updates) == (3, 1, 2)
   assert "compilation included" in capsys.readouterr().out
-  # An explicit --compare picks the run; an empty one plots this run alone.
-  plotted.clear()
-  finetune.main(argv + ["--compare"])
-  assert plotted == [["mezo"]]
+  # An explicit --compare picks the runs; an empty one means none.
+  args = finetune.parse_args(argv + ["--compare"])
+  assert finetune._runs.comparisons(args) == []  # pylint: disable=protected-access
+  args = finetune.parse_args(argv + ["--compare", str(base_run[0])])
+  assert [m["config"]["optimizer"] for m in  # pylint: disable=protected-access
+          finetune._runs.comparisons(args)] == ["hizoo"]
 
 
 def test_plot_smooths_the_loss_and_marks_zero_shot():
