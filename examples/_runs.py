@@ -53,6 +53,13 @@ def new_run_dir(root: str, optimizer: str) -> str:
       path = f"{base}-{n}"
 
 
+def discard_if_empty(path: str) -> None:
+  """Removes the folder :func:`new_run_dir` made if nothing was written."""
+  if (os.path.dirname(os.path.normpath(path)) == RUNS_ROOT
+      and os.path.isdir(path) and not os.listdir(path)):
+    os.rmdir(path)
+
+
 def newest_run(root: str) -> str | None:
   """The run folder under ``root`` whose checkpoints changed last."""
   if not os.path.isdir(root):

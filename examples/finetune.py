@@ -375,6 +375,7 @@ def main(argv=None) -> dict:
   try:
     return run(args)
   except (FileNotFoundError, ValueError, OSError, ImportError) as e:
+    _runs.discard_if_empty(args.output)  # a run that never started
     sys.exit(f"finetune.py: error: {e}")
 
 

@@ -306,6 +306,15 @@ def test_mezo_run_is_plotted_beside_hizoo_and_eta_skips_compilation(
   [bar] = _FakeBar.made
   assert (bar.total, bar.initial, bar.updates) == (3, 1, 2)
   assert "compilation included" in capsys.readouterr().out
+  # --resume without --output continues the newest run under runs/finetune.
+  newest = finetune.parse_args(argv + ["--resume"]).output
+  with open(os.path.join(newest, "metrics.json")) as f:
+    assert json.load(f)["config"]["optimizer"] == "mezo"
+  # A run that fails before it starts leaves no empty folder behind.
+  with pytest.raises(SystemExit):
+    finetune.main(argv + ["--data-dir", str(tmp_path / "missing")])
+  assert sorted(os.listdir(os.path.join("runs", "finetune"))) == sorted(
+      ["earlier-hizoo", os.path.basename(newest)])
   # An explicit --compare picks the runs; an empty one means none.
   args = finetune.parse_args(argv + ["--compare"])
   assert finetune._runs.comparisons(args) == []  # pylint: disable=protected-access
