@@ -34,8 +34,8 @@ def ema(values, span: int) -> np.ndarray:
 
 
 def smoothing_span(n: int) -> int:
-  """A span of a tenth of the run, at least 5 steps."""
-  return max(5, n // 10)
+  """A span of a fifth of the run, at least 5 steps."""
+  return max(5, n // 5)
 
 
 def figure(runs: list[dict], title: str):
@@ -53,16 +53,21 @@ def figure(runs: list[dict], title: str):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+  raw = []
   for i, run in enumerate(runs):
     color = f"C{i}"
     steps, losses = run.get("train_steps") or [], run.get("train_loss") or []
     if losses:
       span = smoothing_span(len(losses))
+      raw.extend(losses)
       ax_loss.plot(steps, losses, color=color, lw=0.5, alpha=0.25)
       ax_loss.plot(steps, ema(losses, span), color=color, lw=2,
                    label=f"{run['label']} (EMA over {span} steps)")
     ax_acc.plot(run["eval_steps"], run["eval_accuracy"], "o-", color=color,
                 label=run["label"])
+  if len(raw) >= 10:  # a few outlying batches should not set the scale
+    low, high = np.percentile(raw, [2, 98])
+    ax_loss.set_ylim(low - 0.1 * (high - low), high + 0.1 * (high - low))
   zero_shot = runs[0]["eval_accuracy"][0]
   ax_acc.axhline(zero_shot, color="gray", ls="--", lw=1,
                  label=f"zero-shot {zero_shot:.3f}")
