@@ -212,6 +212,9 @@ def _from_pretrained(cls, path):
   try:
     return cls.from_pretrained(path, _do_init=False)
   except ValueError:
+    converted = _convert_safetensors(cls, path)
+    if converted is not None:
+      return converted
     # Converting PyTorch safetensors reads model.params: needs _do_init.
     model = cls.from_pretrained(path)
     return model, model.params
@@ -222,6 +225,36 @@ def _from_pretrained(cls, path):
     except (OSError, ImportError) as e:
       raise OSError(f"cannot load Flax weights from {path!r}: {first}; "
                     f"converting PyTorch weights failed too: {e}") from e
+
+
+def _convert_safetensors(cls, path):
+  """(model, params) from ``model.safetensors`` without a random init.
+
+  transformers converts PyTorch weights against ``model.params``, so it
+  first initialises the model at random, op by op (about 10 s for MiniLM on
+  2 cores); the conversion only needs the parameter shapes. Returns None
+  when the file is missing or does not hold every parameter (then the
+  caller lets transformers initialise the missing ones).
+  """
+  import types  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  from flax.traverse_util import flatten_dict, unflatten_dict  # pylint: disable=import-outside-toplevel
+  from transformers.modeling_flax_pytorch_utils import load_pytorch_checkpoint_in_flax_state_dict  # pylint: disable=import-outside-toplevel
+  file = os.path.join(path, "model.safetensors")
+  if not os.path.isfile(file):
+    return None
+  config = transformers.AutoConfig.from_pretrained(path)
+  model = cls.from_config(config, _do_init=False)
+  shapes = flatten_dict(model.params_shape_tree)
+  shaped = types.SimpleNamespace(params=model.params_shape_tree,
+                                 base_model_prefix=model.base_model_prefix,
+                                 config=config)
+  state = flatten_dict(load_pytorch_checkpoint_in_flax_state_dict(
+      shaped, file, is_sharded=False))
+  if any(k not in state or state[k].shape != v.shape
+         for k, v in shapes.items()):
+    return None
+  return model, unflatten_dict({k: jnp.asarray(state[k]) for k in shapes})
 
 
 def prompt_head(clf: Classifier, prompts) -> dict:

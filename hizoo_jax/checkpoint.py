@@ -12,9 +12,10 @@ A thin layer over ``orbax.checkpoint.CheckpointManager``:
   when complete, so a run killed during a save leaves only a temporary
   directory, which restore ignores.
 * ``max_to_keep`` newest steps are kept; older ones are deleted after a save.
-* Restoring checks the stored metadata against the target first, and reports
-  a mismatched or corrupt checkpoint with :class:`CheckpointError`; restore
-  never deletes anything.
+* Restoring checks the stored metadata against the target first and reports
+  a mismatch with :class:`CheckpointError`. When the newest step cannot be
+  read (corrupt files), restore warns, names it and falls back to the newest
+  step that reads; restore never deletes or changes anything.
 
 The optimizer state holds the step count and the PRNG key words, so a run
 restored from step ``k`` draws the same z and updates the same H as the run
@@ -34,8 +35,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Any, Optional
+import warnings
 
 import jax
 import numpy as np
@@ -45,6 +49,10 @@ _FORMAT = "hizoo_jax.checkpoint/1"
 
 class CheckpointError(RuntimeError):
   """A checkpoint is missing, incomplete, corrupt or does not fit the target."""
+
+
+class _Unreadable(CheckpointError):
+  """One step's files cannot be read: the case restore falls back from."""
 
 
 def _orbax():
@@ -86,9 +94,31 @@ def _abstract_flat(tree) -> dict[str, Any]:
 
 
 def _options(max_to_keep: Optional[int], read_only: bool):
+  # save_interval_steps=0 is what orbax sets for a read-only manager anyway;
+  # giving it here spares the warning it logs when it has to change it.
   return _orbax().CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+      save_interval_steps=0 if read_only else 1,
       enable_async_checkpointing=False)
+
+
+class _DropReadOnlyNotice(logging.Filter):
+  """Drops orbax's "Given directory is read only" line: restoring is
+  read-only by design here, so the notice is noise on every restore."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "is read only" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_read_only():
+  logger = logging.getLogger("absl")
+  notice_filter = _DropReadOnlyNotice()
+  logger.addFilter(notice_filter)
+  try:
+    yield
+  finally:
+    logger.removeFilter(notice_filter)
 
 
 def _manager(directory, max_to_keep=None, read_only=False):
@@ -97,16 +127,21 @@ def _manager(directory, max_to_keep=None, read_only=False):
   if read_only and not os.path.isdir(directory):
     raise CheckpointError(
         f"no complete checkpoint in {directory}: it does not exist.")
-  return ocp.CheckpointManager(
-      directory, options=_options(max_to_keep, read_only),
-      item_names=("params", "opt_state", "meta"))
+  with _quiet_read_only():
+    return ocp.CheckpointManager(
+        directory, options=_options(max_to_keep, read_only),
+        item_names=("params", "opt_state", "meta"))
 
 
-def all_steps(directory) -> list[int]:
+def all_steps(directory, *, verify: bool = False) -> list[int]:
   """The steps with a complete checkpoint in ``directory``, in order.
 
   Args:
     directory: the checkpoint directory.
+    verify: also read every step in full (one at a time, on one device) and
+      leave out the ones that cannot be read, e.g. files damaged after the
+      save. Costs a full read per step; without it a damaged step is listed
+      until :func:`restore_checkpoint` meets it.
 
   Returns:
     A sorted list of ints (temporary directories of unfinished saves are
@@ -120,7 +155,17 @@ def all_steps(directory) -> list[int]:
   if not os.path.isdir(os.fspath(directory)):
     return []
   with _manager(directory, read_only=True) as manager:
-    return sorted(manager.all_steps())
+    steps = sorted(manager.all_steps())
+    if not verify:
+      return steps
+    readable = []
+    for step in steps:
+      try:
+        _read_as_saved(manager, directory, step)
+      except _Unreadable:
+        continue
+      readable.append(step)
+    return readable
 
 
 def save_checkpoint(directory, step: int, params, opt_state, *,
@@ -183,6 +228,89 @@ def _check_fits(stored: list, target: list, what: str, where: str) -> None:
           f"{t_dtype}.")
 
 
+def _read_meta(manager, directory, step: int) -> dict:
+  """The step's JSON metadata; :class:`_Unreadable` if it cannot be read."""
+  ocp = _orbax()
+  where = os.path.join(os.fspath(directory), str(step))
+  try:
+    meta = manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as e:  # orbax/tensorstore raise many kinds.
+    raise _Unreadable(
+        f"{where}: cannot read the checkpoint metadata (corrupt or not "
+        f"written by hizoo_jax): {e}") from e
+  if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+    raise _Unreadable(f"{where} was not written by hizoo_jax.save_checkpoint.")
+  return meta
+
+
+def _read_arrays(manager, directory, step: int, params, opt_state) -> dict:
+  """``{"params": flat, "opt_state": flat}`` read onto abstract targets."""
+  ocp = _orbax()
+  try:
+    return manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(params),
+        opt_state=ocp.args.StandardRestore(opt_state)))
+  except Exception as e:  # orbax/tensorstore raise many kinds.
+    raise _Unreadable(
+        f"{os.path.join(os.fspath(directory), str(step))}: the checkpoint "
+        "cannot be read (corrupt or incomplete files): "
+        f"{type(e).__name__}: {e}") from e
+
+
+def _read_as_saved(manager, directory, step: int) -> None:
+  """Reads a step onto the shapes and dtypes its metadata records."""
+  meta = _read_meta(manager, directory, step)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+  def abstract(described):
+    flat = {str(i): jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype),
+                                         sharding=device)
+            for i, (_, shape, dtype) in enumerate(described)}
+    return flat or _abstract_flat(())
+
+  _read_arrays(manager, directory, step, abstract(meta["params"]),
+               abstract(meta["opt_state"]))
+
+
+def _restore_step(manager, directory, step: int, params, opt_state) -> dict:
+  """One step onto the targets: checks the metadata, then reads the arrays."""
+  meta = _read_meta(manager, directory, step)
+  where = os.path.join(os.fspath(directory), str(step))
+  _check_fits(meta["params"], _describe(params), "params", where)
+  _check_fits(meta["opt_state"], _describe(opt_state), "opt_state", where)
+  return _read_arrays(manager, directory, step, _abstract_flat(params),
+                      _abstract_flat(opt_state))
+
+
+def _restore_newest_readable(manager, directory, steps, params, opt_state):
+  """(step, arrays) of the newest step that reads, warning for each skipped.
+
+  Only unreadable steps are skipped: a step that does not fit the targets
+  raises, since an older one would then restore another run.
+  """
+  failures = []
+  for step in reversed(steps):
+    try:
+      restored = _restore_step(manager, directory, step, params, opt_state)
+    except _Unreadable as e:
+      failures.append(f"step {step}: {e}")
+      continue
+    except CheckpointError as e:
+      raise CheckpointError(
+          f"{e} Pass step= to restore one of the other complete steps "
+          f"{[s for s in steps if s != step]}.") from e
+    for failure in failures:
+      warnings.warn(
+          f"skipped an unreadable checkpoint ({failure}); restored step "
+          f"{step} instead. The unreadable step is left in place: inspect or "
+          "delete it yourself.", RuntimeWarning, stacklevel=3)
+    return step, restored
+  raise CheckpointError(
+      f"no readable checkpoint in {directory} (nothing was deleted): "
+      + "; ".join(failures))
+
+
 def restore_checkpoint(directory, params, opt_state, *,
                        step: Optional[int] = None):
   """Restores a checkpoint onto the structure and shardings of the targets.
@@ -193,15 +321,17 @@ def restore_checkpoint(directory, params, opt_state, *,
       wanted shardings (which may differ from those at save time).
     opt_state: target optimizer state likewise, e.g. ``tx.init(params)`` or
       :func:`hizoo_jax.abstract_state`.
-    step: the step to restore; None: the newest complete one.
+    step: the step to restore; None: the newest complete step that can be
+      read. An unreadable newer step is skipped with a ``RuntimeWarning``
+      naming it, and left in place.
 
   Returns:
     ``(step, params, opt_state)``.
 
   Raises:
     CheckpointError: no complete checkpoint, an unknown step, a checkpoint
-      that does not match the targets (structure, shapes, dtypes), or one
-      that cannot be read (corrupt). Nothing is deleted.
+      that does not match the targets (structure, shapes, dtypes), no
+      readable step, or an unreadable ``step``. Nothing is deleted.
 
   Example:
     >>> import tempfile, jax.numpy as jnp, hizoo_jax as hz
@@ -210,41 +340,26 @@ def restore_checkpoint(directory, params, opt_state, *,
     >>> hz.restore_checkpoint(d, {"w": jnp.zeros(2)}, ())[1]["w"].tolist()
     [1.0, 1.0]
   """
-  ocp = _orbax()
   with _manager(directory, read_only=True) as manager:
     steps = sorted(manager.all_steps())
     if not steps:
       raise CheckpointError(f"no complete checkpoint in {directory}.")
     if step is None:
-      step = steps[-1]
-    if step not in steps:
+      step, restored = _restore_newest_readable(manager, directory, steps,
+                                                params, opt_state)
+    elif step not in steps:
       raise CheckpointError(
-          f"no complete checkpoint for step {step} in {directory}; complete "
-          f"steps: {steps}.")
-    where = os.path.join(os.fspath(directory), str(step))
-    try:
-      meta = manager.restore(step, args=ocp.args.Composite(
-          meta=ocp.args.JsonRestore()))["meta"]
-    except Exception as e:  # orbax/tensorstore raise many kinds.
-      raise CheckpointError(
-          f"{where}: cannot read the checkpoint metadata (corrupt or not "
-          f"written by hizoo_jax): {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-      raise CheckpointError(f"{where} was not written by hizoo_jax.save_checkpoint.")
-    _check_fits(meta["params"], _describe(params), "params", where)
-    _check_fits(meta["opt_state"], _describe(opt_state), "opt_state", where)
-    targets = [jax.tree_util.tree_flatten(t) for t in (params, opt_state)]
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(
-              _abstract_flat(params)),
-          opt_state=ocp.args.StandardRestore(_abstract_flat(opt_state))))
-    except Exception as e:
-      raise CheckpointError(
-          f"{where}: the checkpoint cannot be read (corrupt or incomplete "
-          f"files): {type(e).__name__}: {e}") from e
+          f"no complete checkpoint for step {step} in {directory}; pass "
+          f"step= one of the complete steps {steps}.")
+    else:
+      try:
+        restored = _restore_step(manager, directory, step, params, opt_state)
+      except CheckpointError as e:
+        others = [s for s in steps if s != step]
+        raise type(e)(f"{e} Other complete steps (step=): {others}.") from e
   out = []
-  for (leaves, treedef), name in zip(targets, ("params", "opt_state")):
+  for tree, name in ((params, "params"), (opt_state, "opt_state")):
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
     flat = restored[name]
     out.append(treedef.unflatten([flat[str(i)] for i in range(len(leaves))]))
   return int(step), out[0], out[1]

@@ -168,32 +168,59 @@ def test_killed_save_resumes_from_last_complete_checkpoint(tmp_path):
   assert restore_checkpoint(tmp_path, {"w": jnp.zeros((64, 64))}, ())[0] == 3
 
 
-def test_corrupt_checkpoint_raises_and_deletes_nothing(tmp_path):
+def _truncate_state_files(step_dir):
+  """Cuts every non-empty data file of the step's optimizer state in half."""
+  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir)
+           for f in fs if "opt_state" in d and os.path.getsize(os.path.join(d, f)) > 0]
+  assert files
+  for f in files:
+    with open(f, "r+b") as handle:
+      handle.truncate(os.path.getsize(f) // 2)
+
+
+def test_corrupt_newest_step_falls_back_and_deletes_nothing(tmp_path):
   tx = make_tx()
   params = make_params()
   state = tx.init(params)
   for step in (1, 2):
-    save_checkpoint(tmp_path, step, params, state)
-  files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "2")
-           for f in fs if "opt_state" in d and os.path.getsize(os.path.join(d, f)) > 0]
+    save_checkpoint(tmp_path, step, jax.tree.map(lambda x: x + step, params),
+                    state)
   before = listing(tmp_path)
-  for f in files:  # truncate every data file of the state.
-    with open(f, "r+b") as handle:
-      handle.truncate(os.path.getsize(f) // 2)
-  with pytest.raises(CheckpointError, match="2"):
-    restore_checkpoint(tmp_path, params, state)
+  _truncate_state_files(tmp_path / "2")
+  with pytest.warns(RuntimeWarning, match=r"step 2.*restored step 1"):
+    step, got, _ = restore_checkpoint(tmp_path, params, state)
+  assert step == 1
+  assert_trees_equal(got, jax.tree.map(lambda x: x + 1, params))
   assert listing(tmp_path) == before
-  # The older complete step is still there and readable.
-  assert restore_checkpoint(tmp_path, params, state, step=1)[0] == 1
-  # Garbled metadata: also a clear error.
-  meta = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "1" / "meta")
-          for f in fs]
-  for f in meta:
-    with open(f, "w") as handle:
-      handle.write("{not json")
-  with pytest.raises(CheckpointError, match="metadata"):
+  # Committed steps are still listed; verify=True reads them and drops 2.
+  assert all_steps(tmp_path) == [1, 2]
+  assert all_steps(tmp_path, verify=True) == [1]
+  # Asking for the corrupt step names it and the steps that are left.
+  with pytest.raises(CheckpointError, match=r"(?s)2.*corrupt.*step=.*\[1\]"):
+    restore_checkpoint(tmp_path, params, state, step=2)
+  # Garbled metadata of the older step too: nothing readable, a clear error.
+  for d, _, fs in os.walk(tmp_path / "1" / "meta"):
+    for f in fs:
+      with open(os.path.join(d, f), "w") as handle:
+        handle.write("{not json")
+  with pytest.raises(CheckpointError, match="(?s)metadata.*step="):
     restore_checkpoint(tmp_path, params, state, step=1)
+  with pytest.raises(CheckpointError,
+                     match=r"(?s)no readable checkpoint.*step 2.*step 1.*metadata"):
+    restore_checkpoint(tmp_path, params, state)
+  assert all_steps(tmp_path, verify=True) == []
   assert listing(tmp_path) == before
+
+
+def test_restore_logs_nothing(tmp_path, caplog):
+  params = {"w": jnp.ones(4)}
+  save_checkpoint(tmp_path, 1, params, ())
+  caplog.clear()
+  with caplog.at_level("INFO"):
+    assert restore_checkpoint(tmp_path, params, ())[0] == 1
+    assert all_steps(tmp_path) == [1]
+  noise = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert not noise, noise
 
 
 def test_mismatched_targets_raise_clear_errors(tmp_path):
@@ -202,14 +229,14 @@ def test_mismatched_targets_raise_clear_errors(tmp_path):
   save_checkpoint(tmp_path, 5, params, tx.init(params))
   before = listing(tmp_path)
   bigger = dict(params, w2=jnp.zeros((32, 16)))
-  with pytest.raises(CheckpointError, match=r"\['w2'\].*\(32, 8\)"):
+  with pytest.raises(CheckpointError, match=r"\['w2'\].*\(32, 8\).*step="):
     restore_checkpoint(tmp_path, bigger, tx.init(params))
   with pytest.raises(CheckpointError, match="opt_state"):
     restore_checkpoint(tmp_path, params, hz.hizoo(1e-2).init(params))
   with pytest.raises(CheckpointError, match="float32"):
     restore_checkpoint(tmp_path, jax.tree.map(lambda x: x.astype(jnp.bfloat16),
                                               params), tx.init(params))
-  with pytest.raises(CheckpointError, match="step 4"):
+  with pytest.raises(CheckpointError, match=r"step 4.*step=.*\[5\]"):
     restore_checkpoint(tmp_path, params, tx.init(params), step=4)
   with pytest.raises(CheckpointError, match="no complete checkpoint"):
     restore_checkpoint(tmp_path / "empty_but_missing", params, tx.init(params))

@@ -5,9 +5,11 @@ in-process; the pretrained MiniLM and the SST-2 folder are only used by the
 tests at the end, which skip when they are missing.
 """
 
+import argparse
 import importlib.util
 import json
 import os
+import shutil
 import sys
 
 import jax
@@ -39,6 +41,25 @@ def _write_tsv(path, rows):
       f.write(f"{text}\t{label}\n")
 
 
+def _random_params(model):
+  """Weights drawn as BERT and GPT-2 initialise them (normal, std 0.02;
+  LayerNorm scale 1, biases 0) from the shapes alone: compiling the model's
+  init_weights took about 3 s per tiny model."""
+  shapes = jax.eval_shape(lambda key: model.init_weights(key, (1, 8)),
+                          jax.random.key(0))
+  rng = np.random.default_rng(0)
+
+  def leaf(path, shape):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['scale']"):
+      return np.ones(shape.shape, shape.dtype)
+    if name.endswith("['bias']"):
+      return np.zeros(shape.shape, shape.dtype)
+    return (0.02 * rng.standard_normal(shape.shape)).astype(shape.dtype)
+
+  return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
   """Tiny models (embed, mlm, causal) sharing a WordPiece vocab + data."""
@@ -60,8 +81,7 @@ def assets(tmp_path_factory):
       ("causal", transformers.FlaxGPT2LMHeadModel, gpt)]:
     folder = root / name
     model = cls(config, _do_init=False)
-    init = jax.jit(model.init_weights, static_argnums=1)  # one compilation
-    model.save_pretrained(folder, params=init(jax.random.key(0), (1, 8)))
+    model.save_pretrained(folder, params=_random_params(model))
     tok.save_pretrained(folder)
     models[name] = str(folder)
   data = root / "data"
@@ -109,25 +129,240 @@ def test_flags_run(assets, tmp_path, flags, model):
     assert saved["trained_parameters"] < 5000
 
 
-def test_hizoo_resume_and_corrupt_checkpoint(assets, tmp_path):
-  """Default flags (hizoo, lora, loss); --resume continues; a corrupt
-  checkpoint is reported."""
-  first, out = _run(assets, tmp_path, steps=2)
+def _base_argv(assets, *flags, steps=2):
+  """Flags of a small run on the tiny BERT (no --output)."""
+  return ["--model", assets["models"]["embed"], "--data-dir", assets["data"],
+          "--k", "4", "--steps", str(steps), "--batch-size", "4",
+          "--eval-every", "2", "--eval-size", "8", "--max-length", "16",
+          "--lora-rank", "2", "--no-progress", *flags]
+
+
+@pytest.fixture(scope="module")
+def base_run(assets):
+  """One finished 2-step run with default flags (hizoo, lora, loss), shared
+  by the tests below; tests that change it work on a copy."""
+  out = assets["root"] / "runs" / "base-hizoo"
+  metrics = finetune.main(_base_argv(assets, "--output", str(out), steps=4))
+  return out, metrics
+
+
+def _copy_run(base_run, dest):
+  shutil.copytree(base_run[0], dest)
+  return dest
+
+
+def _listing(root):
+  return {str(p.relative_to(root)): p.stat().st_mtime_ns
+          for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_hizoo_resume_and_corrupt_checkpoint(assets, base_run, tmp_path):
+  """Default flags (hizoo, lora, loss); a corrupt newest checkpoint is moved
+  aside, the run resumes from the one before and repeats the same steps
+  (item 5 through the example)."""
+  first = base_run[1]
+  out = _copy_run(base_run, tmp_path / "run")
   assert first["config"]["optimizer"] == "hizoo"
-  assert os.path.isdir(out / "checkpoints")
-  argv = ["--model", assets["models"]["embed"], "--data-dir", assets["data"],
-          "--k", "4", "--steps", "4", "--batch-size", "4", "--eval-every", "2",
-          "--eval-size", "8", "--max-length", "16", "--lora-rank", "2",
-          "--output", str(out), "--no-progress", "--resume"]
-  second = finetune.main(argv)
-  assert second["steps"] == 4
-  assert second["eval_steps"] == [0, 2, 4]
-  assert second["zero_shot_accuracy"] == first["zero_shot_accuracy"]
+  assert first["eval_steps"] == [0, 2, 4]
+  assert sorted(p.name for p in (out / "checkpoints").iterdir()
+                if p.is_dir()) == ["2", "4"]
   for path in (out / "checkpoints" / "4").rglob("*"):
     if path.is_file():
       path.write_bytes(b"garbage")
-  with pytest.raises(SystemExit, match="checkpoint"):
-    finetune.main(argv[:-1] + ["--steps", "6", "--resume"])
+  with pytest.warns(RuntimeWarning, match="step 4"):
+    second = finetune.main(_base_argv(assets, "--output", str(out),
+                                      "--resume", steps=6))
+  assert (out / "checkpoints-unreadable" / "4").is_dir()  # kept, not deleted
+  assert second["eval_steps"] == [0, 2, 4, 6]
+  assert second["zero_shot_accuracy"] == first["zero_shot_accuracy"]
+  # Steps 3 and 4 were run again from step 2's checkpoint: the same losses.
+  np.testing.assert_allclose(second["train_loss"][:4], first["train_loss"],
+                             rtol=1e-6)
+  assert second["eval_accuracy"][:3] == first["eval_accuracy"]
+  for path in (out / "checkpoints").rglob("*"):
+    if path.is_file() and path.suffix != ".json":
+      path.write_bytes(b"garbage")
+  with pytest.raises(SystemExit, match="no readable checkpoint"):
+    finetune.main(_base_argv(assets, "--output", str(out), "--resume",
+                             steps=8))
+
+
+def test_second_run_never_overwrites_a_run(assets, base_run, tmp_path,
+                                           capsys):
+  out, _ = base_run
+  before = _listing(out)
+  with pytest.raises(SystemExit):
+    finetune.main(_base_argv(assets, "--output", str(out)))
+  assert "already holds a run" in capsys.readouterr().err
+  assert _listing(out) == before
+  # --overwrite replaces it, and says so.
+  copy = _copy_run(base_run, tmp_path / "run")
+  (copy / "checkpoints" / "4").rename(copy / "checkpoints" / "7")
+  finetune.main(_base_argv(assets, "--output", str(copy), "--overwrite",
+                           steps=1))
+  assert "--overwrite: removed the previous run" in capsys.readouterr().out
+  assert sorted(p.name for p in (copy / "checkpoints").iterdir()
+                if p.is_dir()) == ["1"]
+
+
+def test_default_output_is_a_new_folder_per_run(assets, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  first = finetune.parse_args(_base_argv(assets)).output
+  second = finetune.parse_args(_base_argv(assets)).output
+  assert first != second
+  for path in (first, second):
+    assert os.path.dirname(path) == os.path.join("runs", "finetune")
+    assert os.path.isdir(path) and not os.listdir(path)
+
+
+def test_resume_refuses_other_trajectory_flags(assets, base_run, capsys):
+  out, _ = base_run
+  before = _listing(out)
+  with pytest.raises(SystemExit):
+    finetune.main(_base_argv(assets, "--output", str(out), "--resume",
+                             "--objective", "accuracy", "--mu", "0.05",
+                             steps=6))
+  err = capsys.readouterr().err.split("error:")[-1]
+  assert "--objective 'loss' (now 'accuracy')" in err, err
+  assert "--mu 0.001 (now 0.05)" in err, err
+  assert "--seed" not in err and "--steps" not in err
+  assert _listing(out) == before  # config and checkpoints untouched
+  # --lr is compared as resolved: the default for another --peft differs.
+  with pytest.raises(SystemExit):
+    finetune.main(_base_argv(assets, "--output", str(out), "--resume",
+                             "--peft", "full", steps=6))
+  err = capsys.readouterr().err.split("error:")[-1]
+  assert "--peft 'lora' (now 'full')" in err and "--lr 0.002" in err, err
+
+
+def test_default_learning_rate_depends_on_peft(tmp_path):
+  lrs = {}
+  for optimizer in ("hizoo", "mezo", "adam"):
+    for peft in ("lora", "full"):
+      args = finetune.parse_args(["--optimizer", optimizer, "--peft", peft,
+                                  "--output", str(tmp_path / "o")])
+      lrs[optimizer, peft] = args.lr
+  assert lrs["hizoo", "lora"] == lrs["mezo", "lora"] == 2e-3
+  for optimizer in ("hizoo", "mezo", "adam"):
+    assert lrs[optimizer, "full"] <= lrs[optimizer, "lora"] / 50
+  explicit = finetune.parse_args(["--peft", "full", "--lr", "3e-4",
+                                  "--output", str(tmp_path / "o")])
+  assert explicit.lr == 3e-4
+
+
+def test_every_flag_has_help_and_shows_its_default(monkeypatch):
+  monkeypatch.setenv("COLUMNS", "2000")  # no line wrapping inside a default
+  parser = finetune.build_parser()
+  assert parser.formatter_class is argparse.ArgumentDefaultsHelpFormatter
+  flags = [a for a in parser._actions  # pylint: disable=protected-access
+           if a.option_strings and a.dest != "help"]
+  assert len(flags) >= 28
+  missing = [a.option_strings[0] for a in flags if not (a.help or "").strip()]
+  assert not missing, missing
+  text = " ".join(parser.format_help().split())
+  for action in flags:
+    help_text = " ".join(action.help.split())
+    assert f"{help_text} (default: {action.default})" in text, action.dest
+
+
+class _FakeBar:
+  """Records how the example drives its tqdm bar."""
+  made = []
+
+  def __init__(self, total, initial, **_):
+    self.total, self.initial, self.updates = total, initial, 0
+    _FakeBar.made.append(self)
+
+  def update(self, n):
+    self.updates += n
+
+  def set_postfix(self, **_):
+    pass
+
+  def close(self):
+    pass
+
+
+def test_mezo_run_is_plotted_beside_hizoo_and_eta_skips_compilation(
+    assets, base_run, tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
+  _copy_run(base_run, tmp_path / "runs" / "finetune" / "earlier-hizoo")
+  plotted = []
+  figure = finetune._plot.figure  # pylint: disable=protected-access
+
+  def spy(runs, title):
+    plotted.append([r["label"] for r in runs])
+    return figure(runs, title)
+
+  monkeypatch.setattr(finetune._plot, "figure", spy)  # pylint: disable=protected-access
+  monkeypatch.setattr(finetune, "tqdm", _FakeBar)
+  _FakeBar.made.clear()
+  argv = [f for f in _base_argv(assets, "--optimizer", "mezo", steps=3)
+          if f != "--no-progress"]
+  metrics = finetune.main(argv)
+  assert plotted == [["mezo", "hizoo (compared)"]]
+  assert metrics["train_loss"] and len(metrics["train_steps"]) == 3
+  # The bar starts after step 1, which compiles, so its ETA leaves it out.
+  [bar] = _FakeBar.made
+  assert (bar.total, bar.initial, bar.updates) == (3, 1, 2)
+  assert "compilation included" in capsys.readouterr().out
+  # --resume without --output continues the newest run under runs/finetune.
+  newest = finetune.parse_args(argv + ["--resume"]).output
+  with open(os.path.join(newest, "metrics.json")) as f:
+    assert json.load(f)["config"]["optimizer"] == "mezo"
+  # A run that fails before it starts leaves no empty folder behind.
+  with pytest.raises(SystemExit):
+    finetune.main(argv + ["--data-dir", str(tmp_path / "missing")])
+  assert sorted(os.listdir(os.path.join("runs", "finetune"))) == sorted(
+      ["earlier-hizoo", os.path.basename(newest)])
+  # An explicit --compare picks the runs; an empty one means none.
+  args = finetune.parse_args(argv + ["--compare"])
+  assert finetune._runs.comparisons(args) == []  # pylint: disable=protected-access
+  args = finetune.parse_args(argv + ["--compare", str(base_run[0])])
+  assert [m["config"]["optimizer"] for m in  # pylint: disable=protected-access
+          finetune._runs.comparisons(args)] == ["hizoo"]
+
+
+def test_plot_smooths_the_loss_and_marks_zero_shot():
+  import _plot  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  steps = list(range(1, 201))
+  noisy = list(0.7 - 0.0005 * np.arange(200) + 0.1 * rng.standard_normal(200))
+  runs = [{"label": "hizoo", "train_steps": steps, "train_loss": noisy,
+           "eval_steps": [0, 100, 200], "eval_accuracy": [0.633, 0.66, 0.67]},
+          {"label": "mezo", "train_steps": steps, "train_loss": noisy,
+           "eval_steps": [0, 100, 200], "eval_accuracy": [0.633, 0.65, 0.66]}]
+  fig = _plot.figure(runs, "t")
+  ax_loss, ax_acc = fig.axes
+  smooth = [l for l in ax_loss.lines if "EMA" in l.get_label()]
+  assert len(smooth) == 2
+  y = np.asarray(smooth[0].get_ydata())
+  assert np.std(np.diff(y)) < np.std(np.diff(noisy)) / 10
+  assert ax_acc.get_ylim()[0] <= 0.5 < 0.633 < ax_acc.get_ylim()[1]
+  dashed = [l for l in ax_acc.lines if l.get_linestyle() == "--"]
+  assert len(dashed) == 1 and "zero-shot" in dashed[0].get_label()
+  labels = [l.get_label() for l in ax_acc.lines]
+  assert "hizoo" in labels and "mezo" in labels
+  # _plot.ema is bias-corrected: a constant stays constant.
+  np.testing.assert_allclose(_plot.ema([2.0] * 10, 5), 2.0)
+
+
+def test_loop_uses_the_package_without_fallbacks():
+  import _loop  # pylint: disable=import-outside-toplevel
+  with open(_loop.__file__) as f:
+    source = f.read()
+  for fallback in ("orbax", "ImportError", "hasattr", "getattr",
+                   "isinstance(out"):
+    assert fallback not in source, fallback
+  assert len(source.splitlines()) < 150
+
+
+def test_readme_states_measured_times():
+  with open(os.path.join(ROOT, "README.md")) as f:
+    readme = " ".join(f.read().split())
+  assert "a few minutes" not in readme
+  assert "about 9 minutes on 2 CPU cores" in readme
+  assert "about 5-12 minutes" in readme
 
 
 def test_bad_inputs_exit_with_clear_errors(assets, tmp_path, capsys):
@@ -136,6 +371,8 @@ def test_bad_inputs_exit_with_clear_errors(assets, tmp_path, capsys):
   cases = [
       (["--optimizer", "adam", "--objective", "accuracy"], "not differentiable"),
       (["--resume"], "no checkpoints"),
+      (["--resume", "--overwrite"], "pass one of them"),
+      (["--compare", str(tmp_path / "nowhere")], "no metrics.json"),
       (["--data-dir", str(tmp_path / "missing"),
         "--model", assets["models"]["embed"]], "not a folder"),
       (["--data-dir", assets["data"], "--model", str(tmp_path / "nomodel")],
