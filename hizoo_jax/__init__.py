@@ -31,6 +31,7 @@ from hizoo_jax.flax_utils import (
     nnx_zo_step,
 )
 from hizoo_jax.lora import lora_init, lora_merge
+from hizoo_jax.masking import MaskedTailState, masked_chain
 from hizoo_jax.sharding import abstract_state, init_sharded, state_shardings
 from hizoo_jax.train_step import make_train_step
 
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "FactoredHessian",
+    "MaskedTailState",
     "Perturbation",
     "PerturbationProbe",
     "ZOState",
@@ -54,6 +56,7 @@ __all__ = [
     "lora_init",
     "lora_merge",
     "make_train_step",
+    "masked_chain",
     "mezo",
     "nnx_value_fn",
     "nnx_zo_step",

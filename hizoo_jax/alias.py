@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hizoo_jax import _checks
 from hizoo_jax import estimator as _estimator
 from hizoo_jax.estimator import ScalarOrSchedule
 
@@ -28,8 +29,8 @@ def _decay_mask(weight_decay_mask, trainable_mask):
     allowed = trainable_mask
     if allowed is None:
       allowed = jax.tree.map(lambda _: True, params)
-    elif callable(allowed):
-      allowed = allowed(params)
+    else:  # A tree, a prefix of params (as in optax.masked) or a callable.
+      allowed = _checks.full_mask(allowed, params)
     return jax.tree.map(
         lambda x, keep: bool(keep) and jnp.ndim(x) >= 2
         and jnp.issubdtype(jnp.result_type(x), jnp.floating),

@@ -86,6 +86,7 @@ def _zo_estimator(
   """HiZOO when ``hessian_smooth`` is given, MeZO when it is None."""
   with_curvature = hessian_smooth is not None
   _checks.check_hyperparams(mu, hessian_smooth)
+  _checks.check_key(key)
   if estimator not in ("paper", "reference"):
     raise ValueError(
         f"estimator must be 'paper' or 'reference', got {estimator!r}.")
@@ -155,6 +156,7 @@ def _zo_estimator(
     hess = curvature_leaves(state, treedef, leaves, paths, trainable)
     hashes = [noise.path_hash(p) for p in paths]
     mu_t = _at_step(mu, state.count)
+    mu_t, valid = _checks.step_hyperparams(mu_t, hessian_smooth, state.count)
 
     def z(i, query, after=None):
       seed = noise.leaf_seed(state.rng_key, state.count, query, hashes[i])
@@ -182,6 +184,7 @@ def _zo_estimator(
     center, plus, minus = _losses(
         params, shift, value_fn, extra_args, num_queries, with_curvature)
     finite = jnp.all(jnp.isfinite(plus)) & jnp.all(jnp.isfinite(minus))
+    finite &= valid  # A schedule or injected value out of range: skip.
     if with_curvature:
       finite &= jnp.isfinite(center)
     grad = (plus - minus) / (2 * mu_t)  # (q,)
@@ -272,11 +275,11 @@ def scale_by_hizoo(
     *,
     estimator: str = "paper",
     factored: bool = False,
-    min_dim_size_to_factor: int = 128,
-    num_queries: int = 1,
+    min_dim_size_to_factor: Optional[int] = None,
+    num_queries: Optional[int] = None,
     mask=None,
     key=0,
-    hessian_dtype=jnp.float32,
+    hessian_dtype=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""HiZOO's Hessian-informed zeroth-order gradient estimate.
 
@@ -306,12 +309,13 @@ def scale_by_hizoo(
     factored: HiZOO-L: keep row/column factors of H for every leaf with
       ndim >= 2 whose two largest axes have >= ``min_dim_size_to_factor``
       entries (see :mod:`hizoo_jax.curvature`), a full diagonal for the rest.
-    min_dim_size_to_factor: see ``factored``.
-    num_queries: independent perturbations averaged in one step.
-    mask: tree of bools like params, or a callable returning one; False
-      leaves are never perturbed nor updated and have no curvature state.
+    min_dim_size_to_factor: see ``factored`` (None: 128).
+    num_queries: independent perturbations averaged in one step (None: 1).
+    mask: tree of bools like params (or a prefix of it), or a callable
+      returning one; False leaves are never perturbed nor updated and have no
+      curvature state.
     key: int seed, typed PRNG key or raw key data for the noise.
-    hessian_dtype: dtype of H, float32 whatever the parameter dtype.
+    hessian_dtype: dtype of H (None: float32, whatever the parameter dtype).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update(updates, state,
@@ -329,14 +333,19 @@ def scale_by_hizoo(
   """
   return _zo_estimator(
       mu=mu, hessian_smooth=hessian_smooth, estimator=estimator,
-      factored=factored, min_dim_size_to_factor=min_dim_size_to_factor,
-      num_queries=num_queries, mask=mask, key=key, hessian_dtype=hessian_dtype)
+      factored=factored,
+      # None defaults keep these static under optax.inject_hyperparams.
+      min_dim_size_to_factor=(
+          128 if min_dim_size_to_factor is None else min_dim_size_to_factor),
+      num_queries=1 if num_queries is None else num_queries,
+      mask=mask, key=key,
+      hessian_dtype=jnp.float32 if hessian_dtype is None else hessian_dtype)
 
 
 def scale_by_mezo(
     mu: ScalarOrSchedule,
     *,
-    num_queries: int = 1,
+    num_queries: Optional[int] = None,
     mask=None,
     key=0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -351,8 +360,9 @@ def scale_by_mezo(
 
   Args:
     mu: perturbation scale (float or schedule), > 0.
-    num_queries: independent perturbations averaged in one step.
-    mask: tree of bools like params (or a callable); False leaves are frozen.
+    num_queries: independent perturbations averaged in one step (None: 1).
+    mask: tree of bools like params or a prefix of it (or a callable); False
+      leaves are frozen.
     key: int seed, typed PRNG key or raw key data for the noise.
 
   Returns:
@@ -369,8 +379,9 @@ def scale_by_mezo(
   """
   return _zo_estimator(
       mu=mu, hessian_smooth=None, estimator="paper", factored=False,
-      min_dim_size_to_factor=1, num_queries=num_queries, mask=mask, key=key,
-      hessian_dtype=jnp.float32)
+      min_dim_size_to_factor=1,
+      num_queries=1 if num_queries is None else num_queries,  # see hizoo
+      mask=mask, key=key, hessian_dtype=jnp.float32)
 
 
 def find_state(opt_state) -> ZOState:
