@@ -88,21 +88,50 @@ def check_key(key) -> None:
         f"({type(key).__name__}).")
 
 
+def _is_leaf(node) -> bool:
+  return jax.tree_util.treedef_is_leaf(jax.tree.structure(node))
+
+
+def _lookup(tree, path):
+  """The mask entry for a params leaf at ``path``: the first leaf on the way."""
+  node = tree
+  for key in path:
+    if _is_leaf(node):
+      return node
+    if isinstance(key, jax.tree_util.DictKey):
+      node = node[key.key]
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      node = node[key.idx]
+    elif isinstance(key, jax.tree_util.GetAttrKey):
+      node = getattr(node, key.name)
+    else:
+      raise KeyError(key)
+  if not _is_leaf(node):
+    raise KeyError(path)
+  return node
+
+
 def full_mask(mask, params):
   """``mask`` (a tree, a prefix of params, or a callable) as a full tree.
 
   As with ``optax.masked``, a mask leaf may stand for a whole subtree of
   params: ``{"encoder": False, "head": True}`` freezes every leaf under
-  ``encoder``. Returns a tree with the structure of ``params``.
+  ``encoder``. Plain dicts and lists may also stand for other containers
+  with the same keys (an ``nnx.State``). Returns a tree like ``params``.
   """
   tree = mask(params) if callable(mask) else mask
-  try:
+  try:  # The node types of params, or a prefix of them.
     return jax.tree.map(
         lambda m, sub: jax.tree.map(lambda _: m, sub), tree, params)
-  except (ValueError, TypeError) as e:
+  except (ValueError, TypeError):
+    pass
+  try:  # Matched by keys along each leaf's path.
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: _lookup(tree, path), params)
+  except (KeyError, IndexError, AttributeError, TypeError) as e:
+    scalar = isinstance(tree, (jax.Array, np.ndarray)) and tree.ndim == 0
     hint = (" With optax.inject_hyperparams, a callable mask is taken for a "
-            "schedule: pass static_args=('mask',)."
-            if jnp.ndim(tree) == 0 and not isinstance(tree, bool) else "")
+            "schedule: pass static_args=('mask',)." if scalar else "")
     raise ValueError(
         "mask must be a tree of bools with the structure of params or a "
         "prefix of it (or a callable returning one). params: "

@@ -217,8 +217,8 @@ def test_make_train_step_with_a_first_order_optimizer_says_what_to_do():
 
 
 def nested():
-  return {"enc": {"w": jnp.ones((2, 2)), "n": jnp.array(5)},
-          "head": {"w": jnp.full((2, 3), 0.5), "b": jnp.ones(3)}}
+  return {"enc": {"w": jnp.ones((2, 2)), "n": jnp.array(5, jnp.int32)},
+          "head": {"w": jnp.full((2, 3), 0.5, jnp.float32), "b": jnp.ones(3)}}
 
 
 def nested_loss(p):
@@ -298,3 +298,53 @@ def test_masked_chain_checks_the_estimator():
     hz.masked_chain(optax.adam(1e-2), mask=mask).init(params_tree())
   with pytest.raises(ValueError, match="needs a mask"):
     hz.masked_chain(hz.scale_by_mezo(1e-3), mask=None)
+
+
+# Flax containers with the wrappers above.
+
+
+def test_nnx_optimizer_with_masked_chain_and_injected_hyperparams():
+  nnx = pytest.importorskip("flax.nnx")
+  x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+  y = jnp.ones((4, 1))
+
+  def mse(model, x, y):
+    return jnp.mean((model(x) - y) ** 2)
+
+  mask = {"bias": False, "kernel": True}  # a plain dict against nnx.State
+  for tx in (hz.masked_chain(hz.scale_by_mezo(1e-3, mask=mask),
+                             optax.scale_by_adam(), optax.scale(-0.05),
+                             mask=mask),
+             optax.inject_hyperparams(hz.hizoo)(
+                 learning_rate=0.05, hessian_smooth=0.1, mask=mask)):
+    model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+    bias, kernel = np.asarray(model.bias[...]), np.asarray(model.kernel[...])
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer):
+      return hz.nnx_zo_step(optimizer, model, mse, x, y).loss
+
+    for _ in range(2):
+      step(model, optimizer)
+    np.testing.assert_array_equal(model.bias[...], bias)
+    assert not np.allclose(model.kernel[...], kernel)
+    assert int(optimizer.step[...]) == 2
+
+
+def test_linen_train_state_with_masked_chain_and_an_int_leaf():
+  pytest.importorskip("flax")
+  from flax.training.train_state import TrainState
+  params = nested()
+  mask = {"enc": False, "head": True}
+  tx = hz.masked_chain(hz.scale_by_hizoo(1e-3, 0.1, mask=mask),
+                       optax.scale_by_adam(), optax.scale(-0.05), mask=mask)
+  state = TrainState.create(apply_fn=None, params=params, tx=tx)
+  step = jax.jit(hz.linen_zo_step, static_argnums=1)
+  for _ in range(2):  # TrainState's int step 0 becomes an array: 2 compiles
+    state, _ = step(state, nested_loss)
+  compiled = step._cache_size()
+  state, zo = step(state, nested_loss)
+  assert step._cache_size() == compiled  # the state keeps its dtypes
+  assert state.params["enc"]["n"].dtype == jnp.int32
+  assert int(zo.count) == 3 and int(state.step) == 3
