@@ -32,6 +32,12 @@ from hizoo_jax.flax_utils import (
 )
 from hizoo_jax.lora import lora_init, lora_merge
 from hizoo_jax.masking import MaskedTailState, masked_chain
+from hizoo_jax.precision import (
+    MasterWeightsState,
+    master_weights,
+    stochastic_rounding,
+    warn_on_rounding,
+)
 from hizoo_jax.sharding import abstract_state, init_sharded, state_shardings
 from hizoo_jax.train_step import make_train_step
 
@@ -41,6 +47,7 @@ __all__ = [
     "CheckpointError",
     "FactoredHessian",
     "MaskedTailState",
+    "MasterWeightsState",
     "Perturbation",
     "PerturbationProbe",
     "ZOState",
@@ -57,6 +64,7 @@ __all__ = [
     "lora_merge",
     "make_train_step",
     "masked_chain",
+    "master_weights",
     "mezo",
     "nnx_value_fn",
     "nnx_zo_step",
@@ -66,4 +74,6 @@ __all__ = [
     "scale_by_mezo",
     "state_shardings",
     "step_noise",
+    "stochastic_rounding",
+    "warn_on_rounding",
 ]

@@ -14,6 +14,15 @@ import optax
 # Extra args that belong to the estimators' own protocol, never to value_fn.
 PROTOCOL_ARGS = ("value_fn", "zo_losses", "zo_probe")
 
+# Tags of the warnings already given: each is given once per process.
+WARNED: set[str] = set()
+
+
+def warn_once(tag: str, message: str) -> None:
+  if tag not in WARNED:
+    WARNED.add(tag)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
 
 def concrete_float(x) -> float | None:
   """``float(x)`` for a concrete number, None for a schedule or a tracer."""
@@ -212,4 +221,13 @@ def check_loss(loss, where: str):
     raise TypeError(
         f"value_fn must return a floating point loss, got dtype {loss.dtype} "
         f"at {where}.")
+  if loss.dtype.itemsize < 4:  # Once, at trace time.
+    warn_once(
+        "loss_dtype",
+        f"value_fn returns a {loss.dtype} loss: l+ - l- below its resolution "
+        "(2**-8 |loss| for bfloat16) rounds to 0 and the step learns "
+        "nothing. Reduce the loss in float32, e.g. "
+        "jnp.mean(per_example.astype(jnp.float32)); the Flax helpers "
+        "(hz.nnx_zo_step, hz.linen_zo_step) accept per-example losses and "
+        "do this.")
   return loss.astype(jnp.promote_types(loss.dtype, jnp.float32))

@@ -17,6 +17,7 @@ import optax
 
 from hizoo_jax import _checks
 from hizoo_jax import estimator as _estimator
+from hizoo_jax import precision
 from hizoo_jax.estimator import ScalarOrSchedule
 
 
@@ -43,7 +44,8 @@ def _tail(learning_rate, weight_decay, weight_decay_mask, mask):
   return (
       optax.add_decayed_weights(
           weight_decay, mask=_decay_mask(weight_decay_mask, mask)),
-      optax.scale_by_learning_rate(learning_rate),
+      # Same state as scale_by_learning_rate; warns if bf16 steps round away.
+      precision.warn_on_rounding(optax.scale_by_learning_rate(learning_rate)),
   )
 
 
