@@ -180,7 +180,9 @@ def cast_floating(tree: Any, dtype=jnp.bfloat16) -> Any:
   """Cast the floating leaves of a tree (e.g. HF Flax params) to ``dtype``.
 
   The estimators keep their curvature in float32 whatever the parameter
-  dtype, so bf16 parameters train with an fp32 Hessian estimate.
+  dtype, so bf16 parameters train with an fp32 Hessian estimate. The steps
+  themselves are usually too small for bf16 weights and round away: wrap the
+  optimizer in :func:`hizoo_jax.master_weights` (see docs/api.md).
 
   Args:
     tree: a parameter tree.
