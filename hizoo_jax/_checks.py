@@ -129,6 +129,13 @@ def full_mask(mask, params):
   with the same keys (an ``nnx.State``). Returns a tree like ``params``.
   """
   tree = mask(params) if callable(mask) else mask
+  if isinstance(tree, (jax.Array, np.ndarray)) and tree.ndim == 0:
+    # Not a Python bool: what optax.inject_hyperparams makes of a callable
+    # mask, which it takes for a schedule of the step count.
+    raise ValueError(
+        f"mask must be a tree of Python bools, got an array {tree!r}. With "
+        "optax.inject_hyperparams, a callable mask is taken for a schedule: "
+        "pass static_args=('mask',).")
   try:  # The node types of params, or a prefix of them.
     return jax.tree.map(
         lambda m, sub: jax.tree.map(lambda _: m, sub), tree, params)
@@ -138,14 +145,11 @@ def full_mask(mask, params):
     return jax.tree_util.tree_map_with_path(
         lambda path, _: _lookup(tree, path), params)
   except (KeyError, IndexError, AttributeError, TypeError) as e:
-    scalar = isinstance(tree, (jax.Array, np.ndarray)) and tree.ndim == 0
-    hint = (" With optax.inject_hyperparams, a callable mask is taken for a "
-            "schedule: pass static_args=('mask',)." if scalar else "")
     raise ValueError(
         "mask must be a tree of bools with the structure of params or a "
         "prefix of it (or a callable returning one). params: "
         f"{jax.tree_util.tree_structure(params)}; mask: "
-        f"{jax.tree_util.tree_structure(tree)}.{hint}") from e
+        f"{jax.tree_util.tree_structure(tree)}.") from e
 
 
 def trainable_leaves(mask, params, treedef, paths) -> list[bool]:
@@ -161,6 +165,11 @@ def trainable_leaves(mask, params, treedef, paths) -> list[bool]:
       raise ValueError(
           f"mask entry at {jax.tree_util.keystr(path)} must be a Python bool "
           f"known at trace time, got {leaf!r}.") from e
+  if out and not any(out):
+    raise ValueError(
+        "mask freezes every parameter: the estimator would train nothing. "
+        "(optax.inject_hyperparams takes a callable mask for a schedule of "
+        "the step count, which can give this: pass static_args=('mask',).)")
   return out
 
 

@@ -2,7 +2,9 @@
 
 Each alias is ``optax.chain(estimator, add_decayed_weights, scale_by_learning_rate)``,
 so its state is a tuple whose first entry is the estimator's
-:class:`~hizoo_jax.estimator.ZOState`. Options that shape the computation
+:class:`~hizoo_jax.estimator.ZOState`. The learning-rate step is wrapped in
+:func:`hizoo_jax.precision.warn_on_rounding` (same state; for bf16/fp16
+parameters it warns once when the steps round away). Options that shape the computation
 (``num_queries``, ``min_dim_size_to_factor``, ``hessian_dtype``) default to None
 so that ``optax.inject_hyperparams`` leaves them static.
 """

@@ -96,11 +96,11 @@ def master_weights(inner) -> optax.GradientTransformationExtraArgs:
     >>> import jax.numpy as jnp, optax, hizoo_jax as hz
     >>> params = {"w": jnp.full(4, 1.5, jnp.bfloat16)}
     >>> loss = lambda p: jnp.sum((p["w"].astype(jnp.float32) - 1.6) ** 2)
-    >>> tx = hz.master_weights(hz.mezo(1e-3))
+    >>> tx = hz.master_weights(hz.mezo(1e-2))
     >>> state = tx.init(params)
     >>> state.master["w"].dtype
     dtype('float32')
-    >>> for _ in range(100):
+    >>> for _ in range(20):
     ...   updates, state = tx.update(None, state, params, value_fn=loss)
     ...   params = optax.apply_updates(params, updates)
     >>> bool(jnp.all(params["w"] > 1.5))
@@ -184,9 +184,9 @@ def stochastic_rounding(inner) -> optax.GradientTransformationExtraArgs:
     >>> import jax.numpy as jnp, optax, hizoo_jax as hz
     >>> params = {"w": jnp.full(64, 1.5, jnp.bfloat16)}
     >>> loss = lambda p: jnp.sum((p["w"].astype(jnp.float32) - 1.6) ** 2)
-    >>> tx = hz.stochastic_rounding(hz.mezo(1e-3, mu=1e-2))
+    >>> tx = hz.stochastic_rounding(hz.mezo(1e-2, mu=1e-2))
     >>> state = tx.init(params)
-    >>> for _ in range(100):
+    >>> for _ in range(20):
     ...   updates, state = tx.update(None, state, params, value_fn=loss)
     ...   params = optax.apply_updates(params, updates)
     >>> bool(jnp.mean(params["w"].astype(jnp.float32)) > 1.5)

@@ -120,6 +120,20 @@ def test_static_bad_values_raise(bad, error):
     hz.scale_by_hizoo(**{"mu": 1e-3, "hessian_smooth": 0.1, **bad})
 
 
+def test_callable_mask_in_inject_hyperparams_is_caught():
+  """inject_hyperparams calls a callable mask with the step count."""
+  params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+  by_rank = lambda p: jax.tree.map(lambda x: x.ndim == 2, p)
+  with pytest.raises(ValueError, match="static_args=\\('mask',\\)"):
+    optax.inject_hyperparams(hz.hizoo)(1e-2, mask=by_rank).init(params)
+  tx = optax.inject_hyperparams(hz.hizoo, static_args=("mask",))(
+      1e-2, mask=by_rank)
+  updates, _ = tx.update(None, tx.init(params), params,
+                         value_fn=lambda p: jnp.sum(p["w"] ** 2))
+  np.testing.assert_array_equal(updates["b"], 0)
+  assert float(jnp.abs(updates["w"]).sum()) > 0
+
+
 def test_good_keys_are_accepted_and_distinct():
   params = params_tree()
   words = [hz.find_state(hz.mezo(1e-2, key=k).init(params)).rng_key
@@ -292,8 +306,8 @@ def test_masked_chain_checks_the_estimator():
     hz.masked_chain(hz.scale_by_mezo(1e-3), optax.adam(1e-2),
                     mask=mask).init(params_tree())
   with pytest.raises(ValueError, match="does not perturb \\['w'\\]"):
-    hz.masked_chain(hz.scale_by_mezo(1e-3, mask=False),
-                    mask=mask).init(params_tree())
+    hz.masked_chain(hz.scale_by_mezo(1e-3, mask={"w": False, "b": True}),
+                    mask=True).init(params_tree())
   with pytest.raises(ValueError, match="zeroth-order estimator"):
     hz.masked_chain(optax.adam(1e-2), mask=mask).init(params_tree())
   with pytest.raises(ValueError, match="needs a mask"):
