@@ -159,6 +159,26 @@ def test_multisteps_outer_with_zero_updates():
   assert step._cache_size() == 1
 
 
+def test_multisteps_downstream_averages_k_estimates():
+  """The pattern for accumulation: k ZO estimates (fresh z each) averaged."""
+  k, lr = 3, 0.1
+  est = hz.scale_by_hizoo(1e-3, 0.1)
+  tx = optax.chain(est, optax.MultiSteps(optax.sgd(lr), k)
+                   .gradient_transformation())
+  params = params_tree()
+  state, est_state = tx.init(params), est.init(params)
+  estimates = []
+  for i in range(k):
+    updates, state = tx.update(None, state, params, value_fn=loss)
+    g, est_state = est.update(None, est_state, params, value_fn=loss)
+    estimates.append(np.asarray(g["w"], np.float64))
+    if i < k - 1:
+      np.testing.assert_array_equal(updates["w"], 0)
+  np.testing.assert_allclose(updates["w"], -lr * np.mean(estimates, 0),
+                             rtol=1e-5, atol=1e-7)
+  assert not np.allclose(estimates[0], estimates[1])  # fresh z per call
+
+
 def test_apply_if_finite_outer_with_zero_updates():
   calls = []
 
