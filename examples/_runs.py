@@ -22,8 +22,8 @@ RUN_FILES = ("config.json", "metrics.json", "curves.png", "checkpoints",
 TRAJECTORY_FLAGS = (
     "model", "head", "label_words", "dtype", "data", "data_dir", "k",
     "data_seed", "max_length", "optimizer", "peft", "objective", "batch_size",
-    "lr", "mu", "hessian_smooth", "weight_decay", "lora_rank", "lora_alpha",
-    "lora_targets", "seed", "eval_size")
+    "lr", "mu", "hessian_smooth", "estimator", "weight_decay", "lora_rank",
+    "lora_alpha", "lora_targets", "seed", "eval_size")
 # Flags two runs must share for their curves to be drawn in one plot.
 COMPARABLE_FLAGS = (
     "model", "head", "label_words", "dtype", "data", "data_dir", "k",

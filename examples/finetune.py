@@ -108,8 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
                  "1e-3 (LoRA) / 2e-5 (full) with adam")
   g.add_argument("--mu", type=float, default=1e-3,
                  help="perturbation scale (ZO)")
-  g.add_argument("--hessian-smooth", type=float, default=1e-6,
-                 help="EMA rate of the curvature estimate (HiZOO)")
+  g.add_argument("--hessian-smooth", type=float, default=None,
+                 help="rate at which HiZOO's curvature moves (default: the "
+                 "estimator's, 0.05 for signed, 1e-6 for paper/reference)")
+  g.add_argument("--estimator", default="signed",
+                 choices=["signed", "paper", "reference"],
+                 help="HiZOO's curvature rule: signed (learned per tensor, "
+                 "see docs/algorithm.md) or the published paper/reference")
   g.add_argument("--weight-decay", type=float, default=0.0,
                  help="decoupled weight decay on matrices")
   g.add_argument("--lora-rank", type=int, default=8,
@@ -167,7 +172,8 @@ def check_args(parser, args) -> None:
            f"{'>= 0' if name == 'steps' else '>= 1'}.")
   if args.batch_size < 1 or args.max_length < 4 or args.lora_rank < 1:
     fail("--batch-size and --lora-rank must be >= 1, --max-length >= 4.")
-  if args.mu <= 0 or not 0 <= args.hessian_smooth <= 1:
+  if args.mu <= 0 or (args.hessian_smooth is not None
+                      and not 0 <= args.hessian_smooth <= 1):
     fail("--mu must be > 0 and --hessian-smooth in [0, 1].")
   if args.lr is not None and args.lr <= 0:
     fail("--lr must be > 0.")
@@ -194,9 +200,11 @@ def make_optimizer(args):
   """The optimizer the flags name: the one place its construction lives."""
   lr, key = args.lr, args.seed
   if args.optimizer == "hizoo":
-    return hz.hizoo(lr, args.mu, args.hessian_smooth, args.weight_decay, key)
+    return hz.hizoo(lr, args.mu, args.hessian_smooth, args.weight_decay, key,
+                    estimator=args.estimator)
   if args.optimizer == "hizoo-l":
-    return hz.hizoo_l(lr, args.mu, args.hessian_smooth, args.weight_decay, key)
+    return hz.hizoo_l(lr, args.mu, args.hessian_smooth, args.weight_decay, key,
+                      estimator=args.estimator)
   if args.optimizer == "mezo":
     return hz.mezo(lr, args.mu, args.weight_decay, key)
   return optax.adamw(lr, weight_decay=args.weight_decay)

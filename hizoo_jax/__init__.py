@@ -23,8 +23,8 @@ from hizoo_jax.estimator import (
     find_state,
     scale_by_hizoo,
     scale_by_mezo,
-    step_noise,
 )
+from hizoo_jax.inspection import step_noise
 from hizoo_jax.flax_utils import (
     cast_floating,
     linen_zo_step,
@@ -32,6 +32,13 @@ from hizoo_jax.flax_utils import (
     nnx_zo_step,
 )
 from hizoo_jax.lora import lora_init, lora_merge
+from hizoo_jax.masking import MaskedTailState, masked_chain
+from hizoo_jax.precision import (
+    MasterWeightsState,
+    master_weights,
+    stochastic_rounding,
+    warn_on_rounding,
+)
 from hizoo_jax.sharding import abstract_state, init_sharded, state_shardings
 from hizoo_jax.train_step import make_train_step
 
@@ -41,6 +48,8 @@ __all__ = [
     "CheckpointError",
     "FactoredHessian",
     "GroupedStats",
+    "MaskedTailState",
+    "MasterWeightsState",
     "Perturbation",
     "PerturbationProbe",
     "ZOState",
@@ -56,6 +65,8 @@ __all__ = [
     "lora_init",
     "lora_merge",
     "make_train_step",
+    "masked_chain",
+    "master_weights",
     "mezo",
     "nnx_value_fn",
     "nnx_zo_step",
@@ -65,4 +76,6 @@ __all__ = [
     "scale_by_mezo",
     "state_shardings",
     "step_noise",
+    "stochastic_rounding",
+    "warn_on_rounding",
 ]

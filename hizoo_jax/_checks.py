@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
 # Extra args that belong to the estimators' own protocol, never to value_fn.
 PROTOCOL_ARGS = ("value_fn", "zo_losses", "zo_probe")
+
+# Tags of the warnings already given: each is given once per process.
+WARNED: set[str] = set()
+
+
+def warn_once(tag: str, message: str) -> None:
+  if tag not in WARNED:
+    WARNED.add(tag)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def concrete_float(x) -> float | None:
@@ -39,8 +51,9 @@ def static_int(x, name: str, minimum: int) -> int:
 
 def check_hyperparams(mu, hessian_smooth=None) -> None:
   mu_value = concrete_float(mu)
-  if mu_value is not None and not mu_value > 0:
-    raise ValueError(f"mu (the perturbation scale) must be > 0, got {mu!r}.")
+  if mu_value is not None and not 0 < mu_value < float("inf"):
+    raise ValueError(
+        f"mu (the perturbation scale) must be finite and > 0, got {mu!r}.")
   if hessian_smooth is not None:
     rate = concrete_float(hessian_smooth)
     if rate is not None and not 0.0 <= rate <= 1.0:
@@ -48,18 +61,102 @@ def check_hyperparams(mu, hessian_smooth=None) -> None:
           f"hessian_smooth must lie in [0, 1], got {hessian_smooth!r}.")
 
 
+def step_hyperparams(mu_t, hessian_smooth, count):
+  """``(mu, valid)`` for one step: schedules and injected values, traced.
+
+  A schedule may reach ``mu = 0`` or a rate outside [0, 1] long after the
+  static checks ran, so every step checks its own values. An invalid step is
+  skipped (the caller folds ``valid`` into its finite flag); ``mu`` is then
+  replaced by 1 so that no division by it makes NaN that could leak into H.
+  """
+  valid = jnp.isfinite(mu_t) & (mu_t > 0)
+  if hessian_smooth is not None:
+    rate = hessian_smooth(count) if callable(hessian_smooth) else hessian_smooth
+    rate = jnp.asarray(rate, jnp.float32)
+    valid &= (rate >= 0) & (rate <= 1)  # False for NaN too.
+  return jnp.where(valid, mu_t, jnp.ones_like(mu_t)), valid
+
+
+def check_key(key) -> None:
+  """An int seed, a typed PRNG key, or integer raw key data (1-d)."""
+  if isinstance(key, (bool, np.bool_)):
+    ok = False
+  elif isinstance(key, (int, np.integer)):
+    ok = True
+  elif isinstance(key, (jax.Array, np.ndarray)):
+    dtype = key.dtype
+    ok = (jnp.issubdtype(dtype, jax.dtypes.prng_key) or (
+        jnp.issubdtype(dtype, jnp.integer) and key.ndim <= 1
+        and key.size > 0))
+  else:
+    ok = False
+  if not ok:
+    raise TypeError(
+        "key must be an int seed, a typed PRNG key (jax.random.key(0)) or "
+        f"1-d integer raw key data, got {key!r} "
+        f"({type(key).__name__}).")
+
+
+def _is_leaf(node) -> bool:
+  return jax.tree_util.treedef_is_leaf(jax.tree.structure(node))
+
+
+def _lookup(tree, path):
+  """The mask entry for a params leaf at ``path``: the first leaf on the way."""
+  node = tree
+  for key in path:
+    if _is_leaf(node):
+      return node
+    if isinstance(key, jax.tree_util.DictKey):
+      node = node[key.key]
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      node = node[key.idx]
+    elif isinstance(key, jax.tree_util.GetAttrKey):
+      node = getattr(node, key.name)
+    else:
+      raise KeyError(key)
+  if not _is_leaf(node):
+    raise KeyError(path)
+  return node
+
+
+def full_mask(mask, params):
+  """``mask`` (a tree, a prefix of params, or a callable) as a full tree.
+
+  As with ``optax.masked``, a mask leaf may stand for a whole subtree of
+  params: ``{"encoder": False, "head": True}`` freezes every leaf under
+  ``encoder``. Plain dicts and lists may also stand for other containers
+  with the same keys (an ``nnx.State``). Returns a tree like ``params``.
+  """
+  tree = mask(params) if callable(mask) else mask
+  if isinstance(tree, (jax.Array, np.ndarray)) and tree.ndim == 0:
+    # Not a Python bool: what optax.inject_hyperparams makes of a callable
+    # mask, which it takes for a schedule of the step count.
+    raise ValueError(
+        f"mask must be a tree of Python bools, got an array {tree!r}. With "
+        "optax.inject_hyperparams, a callable mask is taken for a schedule: "
+        "pass static_args=('mask',).")
+  try:  # The node types of params, or a prefix of them.
+    return jax.tree.map(
+        lambda m, sub: jax.tree.map(lambda _: m, sub), tree, params)
+  except (ValueError, TypeError):
+    pass
+  try:  # Matched by keys along each leaf's path.
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: _lookup(tree, path), params)
+  except (KeyError, IndexError, AttributeError, TypeError) as e:
+    raise ValueError(
+        "mask must be a tree of bools with the structure of params or a "
+        "prefix of it (or a callable returning one). params: "
+        f"{jax.tree_util.tree_structure(params)}; mask: "
+        f"{jax.tree_util.tree_structure(tree)}.") from e
+
+
 def trainable_leaves(mask, params, treedef, paths) -> list[bool]:
   """One bool per leaf of ``params``: False where ``mask`` leaves it out."""
   if mask is None:
     return [True] * len(paths)
-  tree = mask(params) if callable(mask) else mask
-  try:
-    leaves = treedef.flatten_up_to(tree)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        "mask must be a tree of bools with the structure of params (or a "
-        f"callable returning one). params: {treedef}; mask: "
-        f"{jax.tree_util.tree_structure(tree)}.") from e
+  leaves = treedef.flatten_up_to(full_mask(mask, params))
   out = []
   for path, leaf in zip(paths, leaves):
     try:
@@ -68,6 +165,11 @@ def trainable_leaves(mask, params, treedef, paths) -> list[bool]:
       raise ValueError(
           f"mask entry at {jax.tree_util.keystr(path)} must be a Python bool "
           f"known at trace time, got {leaf!r}.") from e
+  if out and not any(out):
+    raise ValueError(
+        "mask freezes every parameter: the estimator would train nothing. "
+        "(optax.inject_hyperparams takes a callable mask for a schedule of "
+        "the step count, which can give this: pass static_args=('mask',).)")
   return out
 
 
@@ -80,11 +182,24 @@ def check_leaf_dtypes(leaves, paths, trainable) -> None:
           "point leaves. Leave it out with mask=... .")
 
 
+def _is_masked_node(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
 def check_params(params) -> None:
   if params is None:
     raise ValueError(
         "This zeroth-order estimator needs the current params: call "
         "update(updates, state, params, value_fn=...).")
+  if any(map(_is_masked_node,
+             jax.tree.leaves(params, is_leaf=_is_masked_node))):
+    raise ValueError(
+        "params contain optax.MaskedNode: the estimator runs inside "
+        "optax.masked, which hides the frozen leaves' values, but a "
+        "zeroth-order estimator evaluates the loss on all the parameters. "
+        "Freeze leaves with the estimator's own mask= (hz.hizoo(..., "
+        "mask=m)); for a chain with stateful transformations use "
+        "hz.masked_chain(estimator, *downstream, mask=m).")
 
 
 def value_fn_kwargs(value_fn, extra_args: dict[str, Any]) -> dict[str, Any]:
@@ -115,4 +230,13 @@ def check_loss(loss, where: str):
     raise TypeError(
         f"value_fn must return a floating point loss, got dtype {loss.dtype} "
         f"at {where}.")
+  if loss.dtype.itemsize < 4:  # Once, at trace time.
+    warn_once(
+        "loss_dtype",
+        f"value_fn returns a {loss.dtype} loss: l+ - l- below its resolution "
+        "(2**-8 |loss| for bfloat16) rounds to 0 and the step learns "
+        "nothing. Reduce the loss in float32, e.g. "
+        "jnp.mean(per_example.astype(jnp.float32)); the Flax helpers "
+        "(hz.nnx_zo_step, hz.linen_zo_step) accept per-example losses and "
+        "do this.")
   return loss.astype(jnp.promote_types(loss.dtype, jnp.float32))

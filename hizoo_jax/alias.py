@@ -2,7 +2,9 @@
 
 Each alias is ``optax.chain(estimator, add_decayed_weights, scale_by_learning_rate)``,
 so its state is a tuple whose first entry is the estimator's
-:class:`~hizoo_jax.estimator.ZOState`. Options that shape the computation
+:class:`~hizoo_jax.estimator.ZOState`. The learning-rate step is wrapped in
+:func:`hizoo_jax.precision.warn_on_rounding` (same state; for bf16/fp16
+parameters it warns once when the steps round away). Options that shape the computation
 (``num_queries``, ``min_dim_size_to_factor``, ``hessian_dtype``) default to None
 so that ``optax.inject_hyperparams`` leaves them static.
 """
@@ -15,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hizoo_jax import _checks
 from hizoo_jax import estimator as _estimator
+from hizoo_jax import precision
 from hizoo_jax.estimator import ScalarOrSchedule
 
 
@@ -28,8 +32,8 @@ def _decay_mask(weight_decay_mask, trainable_mask):
     allowed = trainable_mask
     if allowed is None:
       allowed = jax.tree.map(lambda _: True, params)
-    elif callable(allowed):
-      allowed = allowed(params)
+    else:  # A tree, a prefix of params (as in optax.masked) or a callable.
+      allowed = _checks.full_mask(allowed, params)
     return jax.tree.map(
         lambda x, keep: bool(keep) and jnp.ndim(x) >= 2
         and jnp.issubdtype(jnp.result_type(x), jnp.floating),
@@ -42,7 +46,8 @@ def _tail(learning_rate, weight_decay, weight_decay_mask, mask):
   return (
       optax.add_decayed_weights(
           weight_decay, mask=_decay_mask(weight_decay_mask, mask)),
-      optax.scale_by_learning_rate(learning_rate),
+      # Same state as scale_by_learning_rate; warns if bf16 steps round away.
+      precision.warn_on_rounding(optax.scale_by_learning_rate(learning_rate)),
   )
 
 

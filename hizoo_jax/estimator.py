@@ -9,19 +9,17 @@ curvature estimate ``H`` kept in the state (:mod:`hizoo_jax.curvature`).
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
 from hizoo_jax import _checks
 from hizoo_jax import _xla
 from hizoo_jax import curvature
-from hizoo_jax import grouped_curvature
-from hizoo_jax import fusible
+from hizoo_jax import evaluation
+from hizoo_jax import rules
 from hizoo_jax import noise
 
 ScalarOrSchedule = float | jax.Array | optax.Schedule
@@ -77,71 +75,6 @@ class PerturbationProbe:
     self.perturbation: Optional[Perturbation] = None
 
 
-class _Rule(NamedTuple):
-  """A curvature rule: how H is stored, read and updated."""
-
-  granularities: tuple[str, ...]
-  default_rate: float
-  init: Callable  # (shape, granularity, factored axes, dtype, sharding)
-  init_stats: Callable[[], Any]
-  inv_sqrt: Callable[[Any], jax.Array]  # H^{-1/2}, broadcastable to the leaf.
-  update: Callable  # (hess, stats, second, draws, shapes, rate, probe)
-  last_array: Callable[[Any], jax.Array]  # what the update's z waits for.
-  shapes_fit: Callable[[Any, tuple], bool]
-  split: Callable  # (state.hessian, treedef) -> per leaf (None: frozen)
-  join: Callable  # (per leaf, treedef) -> state.hessian
-
-
-def _paper_init(shape, granularity, axes, dtype, sharding):
-  return curvature.init(
-      shape, axes if granularity == "factored" else None, dtype, sharding)
-
-
-def _paper_shapes_fit(h, shape):
-  return curvature.actual_shapes(h) == curvature.expected_shapes(h, shape)
-
-
-def _paper_split(hessian, treedef):
-  return [None if isinstance(h, optax.MaskedNode) else h
-          for h in treedef.flatten_up_to(hessian)]
-
-
-def _paper_join(per_leaf, treedef):
-  return treedef.unflatten(
-      [optax.MaskedNode() if h is None else h for h in per_leaf])
-
-
-def _paper_rule(reference):
-  return _Rule(
-      granularities=("element", "factored"),
-      default_rate=1e-6,
-      init=_paper_init,
-      init_stats=lambda: None,
-      inv_sqrt=lambda h: fusible.rsqrt(curvature.expand(h)),
-      update=functools.partial(curvature.paper_update, reference),
-      last_array=curvature.updated_array,
-      shapes_fit=_paper_shapes_fit,
-      split=_paper_split,
-      join=_paper_join)
-
-
-RULES = {
-    "signed": _Rule(
-        granularities=grouped_curvature.GRANULARITIES,
-        default_rate=grouped_curvature.DEFAULT_RATE,
-        init=grouped_curvature.init,
-        init_stats=grouped_curvature.init_stats,
-        inv_sqrt=grouped_curvature.inv_sqrt,
-        update=grouped_curvature.update,
-        last_array=lambda h: h[0],
-        shapes_fit=grouped_curvature.shapes_fit,
-        split=grouped_curvature.split,
-        join=grouped_curvature.join),
-    "paper": _paper_rule(False),
-    "reference": _paper_rule(True),
-}
-
-
 def _at_step(value: ScalarOrSchedule, count: jax.Array) -> jax.Array:
   value = value(count) if callable(value) else value
   return jnp.asarray(value, jnp.float32)
@@ -164,10 +97,10 @@ def _zo_estimator(
   with_curvature = estimator is not None
   rule = None
   if with_curvature:
-    if estimator not in RULES:
+    if estimator not in rules.RULES:
       raise ValueError(
-          f"estimator must be one of {sorted(RULES)}, got {estimator!r}.")
-    rule = RULES[estimator]
+          f"estimator must be one of {sorted(rules.RULES)}, got {estimator!r}.")
+    rule = rules.RULES[estimator]
     if hessian_smooth is None:
       hessian_smooth = rule.default_rate
     if granularity is None:
@@ -177,6 +110,7 @@ def _zo_estimator(
           f"estimator {estimator!r} keeps curvature per one of "
           f"{rule.granularities}, got curvature={granularity!r}.")
   _checks.check_hyperparams(mu, hessian_smooth if with_curvature else None)
+  _checks.check_key(key)
   num_queries = _checks.static_int(num_queries, "num_queries", 1)
   every = _checks.static_int(curvature_every, "curvature_every", 1)
   min_dim = _checks.static_int(
@@ -257,6 +191,8 @@ def _zo_estimator(
     hashes = [noise.path_hash(p) for p in paths]
     mu_t = _at_step(mu, state.count)
     probe = (state.count % every) == 0
+    mu_t, valid = _checks.step_hyperparams(
+        mu_t, hessian_smooth if with_curvature else None, state.count)
 
     def z(i, query, order=None):
       seed = noise.leaf_seed(state.rng_key, state.count, query, hashes[i])
@@ -287,10 +223,11 @@ def _zo_estimator(
           shift, num_queries, with_curvature, every)
       return jax.tree.map(jnp.zeros_like, params), state
 
-    center, plus, minus = _losses(
+    center, plus, minus = evaluation.losses(
         params, shift, value_fn, extra_args, num_queries,
         with_curvature, probe if every > 1 else None)
     finite = jnp.all(jnp.isfinite(plus)) & jnp.all(jnp.isfinite(minus))
+    finite &= valid  # A schedule or injected value out of range: skip.
     if with_curvature:
       finite &= jnp.isfinite(center) | ~probe
     grad = (plus - minus) / (2 * mu_t)  # (q,)
@@ -343,51 +280,6 @@ def _zo_estimator(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _losses(params, shift, value_fn, extra_args, num_queries, with_center,
-            center_when=None):
-  """L(theta) (or None) and L(theta +/- mu s z_j) for every query, shape (q,).
-
-  ``center_when`` (a traced bool, or None for always) skips L(theta) on the
-  steps that do not probe the curvature (the value is then NaN, unused).
-  """
-  given = extra_args.get("zo_losses")
-  if given is not None:
-    center, plus, minus = given
-    plus = jnp.reshape(jnp.asarray(plus, jnp.float32), (num_queries,))
-    minus = jnp.reshape(jnp.asarray(minus, jnp.float32), (num_queries,))
-    if with_center:
-      center = jnp.asarray(center, jnp.float32)
-      if center_when is not None:
-        center = jnp.where(center_when, center, jnp.nan)
-    return (center if with_center else None), plus, minus
-  if value_fn is None:
-    raise ValueError(
-        "zeroth-order estimators need the loss: call update(updates, state, "
-        "params, value_fn=lambda p: loss(p, batch)).")
-  kwargs = _checks.value_fn_kwargs(value_fn, extra_args)
-
-  def loss_at(tree, where):
-    return _checks.check_loss(value_fn(tree, **kwargs), where)
-
-  center = None
-  if with_center and center_when is None:
-    center = loss_at(params, "theta")
-  elif with_center:
-    center = lax.cond(center_when,
-                      lambda p: loss_at(p, "theta").astype(jnp.float32),
-                      lambda p: jnp.full([], jnp.nan, jnp.float32), params)
-
-  def pair(query):
-    return (loss_at(shift(params, 1.0, query), "theta + mu*s*z"),
-            loss_at(shift(params, -1.0, query), "theta - mu*s*z"))
-
-  if num_queries == 1:
-    plus, minus = pair(0)
-    return center, plus[None], minus[None]
-  plus, minus = lax.map(pair, jnp.arange(num_queries, dtype=jnp.uint32))
-  return center, plus, minus
-
-
 def scale_by_hizoo(
     mu: ScalarOrSchedule,
     hessian_smooth: Optional[ScalarOrSchedule] = None,
@@ -395,12 +287,12 @@ def scale_by_hizoo(
     estimator: str = "signed",
     curvature: Optional[str] = None,
     factored: bool = False,
-    min_dim_size_to_factor: int = 128,
-    curvature_every: int = 1,
-    num_queries: int = 1,
+    min_dim_size_to_factor: Optional[int] = None,
+    curvature_every: Optional[int] = None,
+    num_queries: Optional[int] = None,
     mask=None,
     key=0,
-    hessian_dtype=jnp.float32,
+    hessian_dtype=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""HiZOO's Hessian-informed zeroth-order gradient estimate.
 
@@ -446,15 +338,17 @@ def scale_by_hizoo(
       are not matrices with two axes of at least ``min_dim_size_to_factor``
       entries keep one value per tensor ("signed") or per element.
     factored: shorthand for ``curvature="factored"`` (HiZOO-L).
-    min_dim_size_to_factor: see ``curvature``.
+    min_dim_size_to_factor: see ``curvature`` (None: 128).
     curvature_every: probe the curvature (evaluate L(theta) and move H) on
-      every k-th step only; the other steps cost two evaluations.
-    num_queries: independent perturbations averaged in one step.
-    mask: tree of bools like params, or a callable returning one; False
-      leaves are never perturbed nor updated and have no curvature state.
+      every k-th step only; the other steps cost two evaluations (None: 1).
+    num_queries: independent perturbations averaged in one step (None: 1).
+    mask: tree of bools like params (or a prefix of it), or a callable
+      returning one; False leaves are never perturbed nor updated and have no
+      curvature state.
     key: int seed, typed PRNG key or raw key data for the noise.
-    hessian_dtype: dtype of H, float32 whatever the parameter dtype; "param"
-      (estimator "reference" only) keeps it in each parameter's dtype.
+    hessian_dtype: dtype of H (None: float32, whatever the parameter dtype);
+      "param" (estimator "reference" only) keeps it in each parameter's
+      dtype.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update(updates, state,
@@ -477,15 +371,20 @@ def scale_by_hizoo(
     curvature = "factored"
   return _zo_estimator(
       mu=mu, hessian_smooth=hessian_smooth, estimator=estimator,
-      granularity=curvature, min_dim_size_to_factor=min_dim_size_to_factor,
-      curvature_every=curvature_every, num_queries=num_queries, mask=mask,
-      key=key, hessian_dtype=hessian_dtype)
+      granularity=curvature,
+      # None defaults keep these static under optax.inject_hyperparams.
+      min_dim_size_to_factor=(
+          128 if min_dim_size_to_factor is None else min_dim_size_to_factor),
+      curvature_every=1 if curvature_every is None else curvature_every,
+      num_queries=1 if num_queries is None else num_queries,
+      mask=mask, key=key,
+      hessian_dtype=jnp.float32 if hessian_dtype is None else hessian_dtype)
 
 
 def scale_by_mezo(
     mu: ScalarOrSchedule,
     *,
-    num_queries: int = 1,
+    num_queries: Optional[int] = None,
     mask=None,
     key=0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -500,8 +399,9 @@ def scale_by_mezo(
 
   Args:
     mu: perturbation scale (float or schedule), > 0.
-    num_queries: independent perturbations averaged in one step.
-    mask: tree of bools like params (or a callable); False leaves are frozen.
+    num_queries: independent perturbations averaged in one step (None: 1).
+    mask: tree of bools like params or a prefix of it (or a callable); False
+      leaves are frozen.
     key: int seed, typed PRNG key or raw key data for the noise.
 
   Returns:
@@ -518,7 +418,8 @@ def scale_by_mezo(
   """
   return _zo_estimator(
       mu=mu, hessian_smooth=None, estimator=None, granularity=None,
-      min_dim_size_to_factor=1, curvature_every=1, num_queries=num_queries,
+      min_dim_size_to_factor=1, curvature_every=1,
+      num_queries=1 if num_queries is None else num_queries,  # see hizoo
       mask=mask, key=key, hessian_dtype=jnp.float32)
 
 
@@ -529,31 +430,3 @@ def find_state(opt_state) -> ZOState:
     if isinstance(node, ZOState):
       return node
   raise ValueError("no zeroth-order estimator state (ZOState) in opt_state.")
-
-
-def step_noise(state, params, *, query: int = 0):
-  """The z that the next ``update`` with ``state`` uses, as a tree like params.
-
-  z depends only on the state's key and step count, the query index and each
-  leaf's path: not on the number of leaves, the mask or the device layout.
-  Non-float leaves get None; masked leaves get the z they would use.
-
-  Args:
-    state: an estimator state, or any optimizer state that contains one.
-    params: the parameters (only paths, shapes and dtypes are read).
-    query: which of the ``num_queries`` perturbations.
-
-  Returns:
-    A tree like params of float32 arrays.
-  """
-  zo_state = find_state(state)
-
-  def leaf_noise(path, x):
-    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-      return None
-    seed = noise.leaf_seed(zo_state.rng_key, zo_state.count, query,
-                           noise.path_hash(path))
-    return noise.gaussian(seed, jnp.shape(x),
-                          sharding=noise.explicit_sharding(x))
-
-  return jax.tree_util.tree_map_with_path(leaf_noise, params)

@@ -32,13 +32,27 @@ import optax
 from hizoo_jax import estimator as _estimator
 
 
+def _reduce_float32(loss):
+  """A per-example loss averaged in float32; a scalar passes through.
+
+  The estimators divide ``l+ - l-`` by ``2 mu``: a mean taken in bfloat16
+  (8 bits) rounds that difference to 0, so the reduction happens here.
+  """
+  loss = jnp.asarray(loss)
+  if loss.ndim and jnp.issubdtype(loss.dtype, jnp.floating):
+    return jnp.mean(loss.astype(jnp.float32))
+  return loss
+
+
 def nnx_value_fn(model, loss_fn: Callable, *args, wrt=None, **kwargs):
   """``value_fn(params_state)`` for an NNX model and ``loss_fn(model, ...)``.
 
   ``params_state`` is the pure ``nnx.State`` of the ``wrt`` variables (what
   ``nnx.Optimizer.update`` passes to the transformation as params); the model
   is rebuilt from it and the model's other state, then ``loss_fn(model,
-  *args, **kwargs)`` is returned. Changes that ``loss_fn`` makes to the
+  *args, **kwargs)`` is returned. ``loss_fn`` may return per-example losses
+  (any shape, any float dtype): they are averaged in float32, so a bfloat16
+  model still resolves the small loss differences of a ZO step. Changes that ``loss_fn`` makes to the
   rebuilt model (batch statistics, RNG counters) are discarded: evaluate in
   a deterministic mode.
 
@@ -66,7 +80,8 @@ def nnx_value_fn(model, loss_fn: Callable, *args, wrt=None, **kwargs):
   graphdef, _, rest = nnx.split(model, wrt, ...)
 
   def value_fn(params):
-    return loss_fn(nnx.merge(graphdef, params, rest), *args, **kwargs)
+    return _reduce_float32(
+        loss_fn(nnx.merge(graphdef, params, rest), *args, **kwargs))
 
   return value_fn
 
@@ -83,8 +98,9 @@ def nnx_zo_step(optimizer, model, loss_fn: Callable, *args, **kwargs):
       :func:`hizoo_jax.hizoo`, :func:`hizoo_jax.hizoo_l`,
       :func:`hizoo_jax.mezo` (or a chain containing an estimator).
     model: the model the optimizer was created for; updated in place.
-    loss_fn: ``loss_fn(model, *args, **kwargs) -> scalar`` (lower is better;
-      need not be differentiable).
+    loss_fn: ``loss_fn(model, *args, **kwargs)``, a scalar or per-example
+      losses (averaged in float32); lower is better, need not be
+      differentiable.
     *args: passed to ``loss_fn``, e.g. a batch.
     **kwargs: passed to ``loss_fn``.
 
@@ -124,8 +140,8 @@ def linen_zo_step(state, loss_fn: Callable, *args, **kwargs):
     state: a ``flax.training.train_state.TrainState`` (or any dataclass with
       ``params``, ``opt_state``, ``tx``, ``step`` and ``replace``) whose
       ``tx`` is a zeroth-order optimizer.
-    loss_fn: ``loss_fn(params, *args, **kwargs) -> scalar``; use
-      ``state.apply_fn`` inside it.
+    loss_fn: ``loss_fn(params, *args, **kwargs)``, a scalar or per-example
+      losses (averaged in float32); use ``state.apply_fn`` inside it.
     *args: passed to ``loss_fn``.
     **kwargs: passed to ``loss_fn``.
 
@@ -150,7 +166,7 @@ def linen_zo_step(state, loss_fn: Callable, *args, **kwargs):
     1
   """
   def value_fn(params):
-    return loss_fn(params, *args, **kwargs)
+    return _reduce_float32(loss_fn(params, *args, **kwargs))
 
   updates, opt_state = state.tx.update(
       None, state.opt_state, state.params, value_fn=value_fn)
@@ -164,7 +180,9 @@ def cast_floating(tree: Any, dtype=jnp.bfloat16) -> Any:
   """Cast the floating leaves of a tree (e.g. HF Flax params) to ``dtype``.
 
   The estimators keep their curvature in float32 whatever the parameter
-  dtype, so bf16 parameters train with an fp32 Hessian estimate.
+  dtype, so bf16 parameters train with an fp32 Hessian estimate. The steps
+  themselves are usually too small for bf16 weights and round away: wrap the
+  optimizer in :func:`hizoo_jax.master_weights` (see docs/api.md).
 
   Args:
     tree: a parameter tree.

@@ -19,6 +19,7 @@ removes most of the noise before averaging:
     v      = running mean of (y / lam)^2              (noise of the residual)
     log H_G += clip(rate / K * min(1, n_G / (2 v)) * rho_G, +-CLIP)
     H      /= mean_i H_i                              (mean 1 over all leaves)
+    H       = max(H, FLOOR)                           (FLOOR = 1e-4)
 
 ``E[(z_i^2 - 1) z_i^2] = 2`` makes ``rho_G`` unbiased for the relative
 mismatch of group G, so H moves up where the step under-estimates the
@@ -52,6 +53,10 @@ GRANULARITIES = ("tensor", "row", "column", "factored", "element")
 DEFAULT_RATE = 0.05
 STATS_RATE = 0.1  # the running means b and v forget at this rate.
 CLIP = 0.5  # at most a factor e^0.5 per factor and step.
+# H relative to its mean never drops below this: a tensor with no curvature
+# (a LoRA factor multiplied by zeros, a dead unit) would otherwise get an
+# unbounded step. Curvature 1e4 times below the mean is still represented.
+FLOOR = 1e-4
 
 
 class GroupedStats(NamedTuple):
@@ -225,9 +230,10 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
     new[i] = tuple(moved)
   mean_h = sum(_total(new[i], shapes[i]) for i in live) / dim
   mean_h = jnp.where(usable, mean_h, 1.0)
-  for i in live:
-    first, *rest = new[i]
-    new[i] = ((first / mean_h).astype(first.dtype), *rest)
+  for i in live:  # mean 1, and no factor below FLOOR (see FLOOR).
+    new[i] = tuple(jnp.maximum(f / mean_h if k == 0 else f,
+                               FLOOR ** (1 / len(new[i]))).astype(f.dtype)
+                   for k, f in enumerate(new[i]))
 
   # Running means: plain averages for the first 1 / STATS_RATE samples.
   q_mean = jnp.mean(second)

@@ -52,16 +52,25 @@ COMPILER_OPTIONS = {
     "xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 
+_NEEDS_ESTIMATOR = (
+    "make_train_step needs an optimizer that contains a zeroth-order "
+    "estimator (hz.hizoo, hz.hizoo_l, hz.mezo or a chain with "
+    "hz.scale_by_hizoo / hz.scale_by_mezo); {why}. For first-order "
+    "optimizers use jax.grad.")
+
+
 def _perturbation(optimizer, opt_state, params) -> _estimator.Perturbation:
   """The Perturbation of the step (the probe's other outputs are dead code)."""
+  try:  # Before update: a first-order optimizer would fail on updates=None.
+    _estimator.find_state(opt_state)
+  except ValueError:
+    raise ValueError(_NEEDS_ESTIMATOR.format(
+        why="its state holds no hz.ZOState")) from None
   probe = _estimator.PerturbationProbe()
   optimizer.update(None, opt_state, params, zo_probe=probe)
   if probe.perturbation is None:
-    raise ValueError(
-        "make_train_step needs an optimizer that contains a zeroth-order "
-        "estimator (hz.hizoo, hz.hizoo_l, hz.mezo or a chain with "
-        "hz.scale_by_hizoo / hz.scale_by_mezo); this one never asked for "
-        "the loss. For first-order optimizers use jax.grad.")
+    raise ValueError(_NEEDS_ESTIMATOR.format(
+        why="this one never asked for the loss"))
   return probe.perturbation
 
 

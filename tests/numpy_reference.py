@@ -62,7 +62,7 @@ def mezo_step(zs, lp, lm, mu):
 
 
 def signed_step(hess, stats, zs, l0, lp, lm, mu, rate, stats_rate=0.1,
-                clip=0.5, probe=True):
+                clip=0.5, probe=True, floor=1e-4):
   """One step of the "signed" rule (hizoo_jax.grouped_curvature), float64.
 
   Args:
@@ -109,6 +109,9 @@ def signed_step(hess, stats, zs, l0, lp, lm, mu, rate, stats_rate=0.1,
                 for name, fs in new_hess.items())
     for name in new_hess:
       new_hess[name][0] = new_hess[name][0] / (total / d)
+  for name, factors in new_hess.items():
+    new_hess[name] = [np.maximum(f, floor ** (1 / len(factors)))
+                      for f in factors]
   new_b = b + max(stats_rate, 1 / (t + 1)) * (np.mean(q) - b)
   new_v = v
   if t >= 1 and lam > 0:

@@ -82,8 +82,9 @@ def test_mask_freezes_leaves_without_state():
   mask = {"w": True, "b": False, "step": False}
   tx = hz.hizoo(1e-2, hessian_smooth=0.1, weight_decay=0.1, mask=mask)
   state = tx.init(params)
-  assert isinstance(state[0].hessian["b"], optax.MaskedNode)
-  assert isinstance(state[0].hessian["step"], optax.MaskedNode)
+  factors, = state[0].hessian
+  assert isinstance(factors["b"], optax.MaskedNode)
+  assert isinstance(factors["step"], optax.MaskedNode)
   seen = []
 
   def value_fn(p):
@@ -193,7 +194,8 @@ def test_non_finite_loss_skips_the_step():
   updates, new_state = tx.update(None, state, params, value_fn=value_fn)
   for u in jax.tree.leaves(updates):
     np.testing.assert_array_equal(u, 0)
-  np.testing.assert_array_equal(new_state[0].hessian["w"], state[0].hessian["w"])
+  jax.tree.map(np.testing.assert_array_equal, new_state[0].hessian,
+               state[0].hessian)
   assert int(new_state[0].skipped) == 1 and int(new_state[0].count) == 1
   calls.clear()
   calls.extend([None, None])  # the next step is clean again
@@ -221,8 +223,12 @@ def test_errors_are_clear():
   with pytest.raises(ValueError, match="structure"):
     tx.update(None, state, {"w": params["w"]}, value_fn=loss)
   with pytest.raises(ValueError, match="shape"):
-    tx.update(None, state, {"w": jnp.ones((4, 3)), "b": params["b"]},
+    tx.update(None, state, {"w": jnp.ones((4, 3, 2)), "b": params["b"]},
               value_fn=loss)
+  with pytest.raises(ValueError, match="shape"):  # the per-element rule
+    paper = hz.hizoo(1e-2, estimator="paper")
+    paper.update(None, paper.init(params),
+                 {"w": jnp.ones((4, 3)), "b": params["b"]}, value_fn=loss)
   with pytest.raises(ValueError, match="mu"):
     hz.hizoo(1e-2, mu=0.0)
   with pytest.raises(ValueError, match="mu"):

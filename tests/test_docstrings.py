@@ -6,7 +6,8 @@ import importlib
 import pytest
 
 MODULES = ["hizoo_jax.estimator", "hizoo_jax.alias", "hizoo_jax.sharding",
-           "hizoo_jax.checkpoint", "hizoo_jax.train_step"]
+           "hizoo_jax.checkpoint", "hizoo_jax.train_step",
+           "hizoo_jax.masking", "hizoo_jax.precision"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -277,3 +277,18 @@ def test_float32_resolution_of_the_ema():
     state = tx.init(params)
     _, state = tx.update(None, state, params, zo_losses=big)
     assert bool(np.any(np.asarray(state.hessian["w"]) != 1.0)) == moves
+
+
+def test_signed_floor_bounds_a_tensor_without_curvature():
+  """A tensor the loss ignores has zero curvature: H stops at the floor
+  (relative to the mean) instead of shrinking to 0 and exploding the step."""
+  params = {"dead": jnp.ones((8,)), "live": jnp.ones((8,))}
+  tx = hz.scale_by_hizoo(1e-2, 1.0, key=0)
+  state = tx.init(params)
+  step = jax.jit(lambda s: tx.update(
+      None, s, params, value_fn=lambda p: jnp.sum(p["live"] ** 2)))
+  for _ in range(200):
+    _, state = step(state)
+  factors, = state.hessian
+  assert 1e-4 <= float(factors["dead"][0]) < 2e-4
+  assert float(factors["live"][0]) > 1.0  # the mean is 1

@@ -1,0 +1,85 @@
+"""The curvature rules HiZOO can use: how H is stored, read and updated.
+
+Each rule is data (:class:`Rule`, a table of functions) that the estimator
+calls without knowing which rule it holds; a new rule is a new entry in
+:data:`RULES`. ``"signed"`` is :mod:`hizoo_jax.grouped_curvature`;
+``"paper"`` and ``"reference"`` are the published rules of
+:mod:`hizoo_jax.curvature`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import optax
+
+from hizoo_jax import curvature
+from hizoo_jax import fusible
+from hizoo_jax import grouped_curvature
+
+
+class Rule(NamedTuple):
+  """A curvature rule: how H is stored, read and updated."""
+
+  granularities: tuple[str, ...]
+  default_rate: float
+  init: Callable  # (shape, granularity, factored axes, dtype, sharding)
+  init_stats: Callable[[], Any]
+  inv_sqrt: Callable[[Any], jax.Array]  # H^{-1/2}, broadcastable to the leaf.
+  update: Callable  # (hess, stats, second, draws, shapes, rate, probe)
+  last_array: Callable[[Any], jax.Array]  # what the update's z waits for.
+  shapes_fit: Callable[[Any, tuple], bool]
+  split: Callable  # (state.hessian, treedef) -> per leaf (None: frozen)
+  join: Callable  # (per leaf, treedef) -> state.hessian
+
+
+def _paper_init(shape, granularity, axes, dtype, sharding):
+  return curvature.init(
+      shape, axes if granularity == "factored" else None, dtype, sharding)
+
+
+def _paper_shapes_fit(h, shape):
+  return curvature.actual_shapes(h) == curvature.expected_shapes(h, shape)
+
+
+def _paper_split(hessian, treedef):
+  return [None if isinstance(h, optax.MaskedNode) else h
+          for h in treedef.flatten_up_to(hessian)]
+
+
+def _paper_join(per_leaf, treedef):
+  return treedef.unflatten(
+      [optax.MaskedNode() if h is None else h for h in per_leaf])
+
+
+def _paper_rule(reference):
+  return Rule(
+      granularities=("element", "factored"),
+      default_rate=1e-6,
+      init=_paper_init,
+      init_stats=lambda: None,
+      inv_sqrt=lambda h: fusible.rsqrt(curvature.expand(h)),
+      update=functools.partial(curvature.paper_update, reference),
+      last_array=curvature.updated_array,
+      shapes_fit=_paper_shapes_fit,
+      split=_paper_split,
+      join=_paper_join)
+
+
+RULES = {
+    "signed": Rule(
+        granularities=grouped_curvature.GRANULARITIES,
+        default_rate=grouped_curvature.DEFAULT_RATE,
+        init=grouped_curvature.init,
+        init_stats=grouped_curvature.init_stats,
+        inv_sqrt=grouped_curvature.inv_sqrt,
+        update=grouped_curvature.update,
+        last_array=lambda h: h[0],
+        shapes_fit=grouped_curvature.shapes_fit,
+        split=grouped_curvature.split,
+        join=grouped_curvature.join),
+    "paper": _paper_rule(False),
+    "reference": _paper_rule(True),
+}
