@@ -178,7 +178,13 @@ def _evaluate(optimizer, opt_state, params, batch, loss_fn, perturbation,
     # state rides in the carry so that the update reads the loop's output and
     # XLA needs no copy of a donated H to feed the loop.
     if in_loop:
-      if center_first:
+      if center_first and perturbation.center_every > 1:
+        # L(theta) only on the steps that probe the curvature.
+        count = _estimator.find_state(state).count
+        evaluate = (k > 0) | (count % perturbation.center_every == 0)
+        loss = lax.cond(evaluate, lambda t: loss_at(t, "a point of the step"),
+                        lambda t: jnp.zeros([], jnp.float32), theta)
+      elif center_first:
         loss = loss_at(theta, "a point of the step")
       else:  # MeZO: phase 0 only moves out.
         loss = lax.cond(k == 0, lambda t: jnp.zeros([], jnp.float32),

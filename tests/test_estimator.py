@@ -292,3 +292,26 @@ def test_signed_floor_bounds_a_tensor_without_curvature():
   factors, = state.hessian
   assert 1e-4 <= float(factors["dead"][0]) < 2e-4
   assert float(factors["live"][0]) > 1.0  # the mean is 1
+
+
+def test_reference_in_the_parameter_dtype_freezes_fp16_h():
+  """The official code keeps H in the parameter dtype: with fp16 parameters
+  and alpha = 1e-8, alpha * h rounds to 0 and H stays exactly 1."""
+  params = jax.tree.map(lambda x: x.astype(jnp.float16), make_params())
+  moved = {}
+  for dtype in ("param", jnp.float32):
+    tx = hz.scale_by_hizoo(MU, 1e-8, estimator="reference",
+                           hessian_dtype=dtype, key=1)
+    state = tx.init(params)
+    step = jax.jit(lambda s, tx=tx: tx.update(
+        None, s, params, zo_losses=(1.0, [1.01], [1.01]))[1])  # q = 100
+    for _ in range(3):
+      state = step(state)
+    moved[str(dtype)] = max(float(np.abs(np.asarray(h, np.float64) - 1).max())
+                            for h in jax.tree.leaves(state.hessian))
+    if dtype == "param":
+      assert all(h.dtype == jnp.float16 for h in jax.tree.leaves(state.hessian))
+  assert moved["param"] == 0.0
+  assert moved[str(jnp.float32)] > 0.0
+  with pytest.raises(ValueError, match="reference"):
+    hz.scale_by_hizoo(MU, estimator="paper", hessian_dtype="param")

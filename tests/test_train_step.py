@@ -54,6 +54,8 @@ OPTIMIZERS = {
     "hizoo": lambda: hz.hizoo(0.05, mu=MU, hessian_smooth=0.5, key=3),
     "hizoo_l": lambda: hz.hizoo_l(0.05, mu=MU, hessian_smooth=0.5,
                                   min_dim_size_to_factor=4, key=3),
+    "hizoo_every2": lambda: hz.hizoo(0.05, mu=MU, hessian_smooth=0.5,
+                                     curvature_every=2, key=3),
     "hizoo_q2_masked": lambda: hz.hizoo(
         0.05, mu=MU, hessian_smooth=0.5, num_queries=2, key=3,
         estimator="reference", mask={"w1": True, "b1": False, "w2": True}),
@@ -72,6 +74,7 @@ def assert_trees_close(actual, expected, atol, rtol=0.0):
 
 @pytest.mark.parametrize("name, store_noise", [
     ("hizoo", False), ("hizoo", True), ("hizoo_l", False),
+    ("hizoo_every2", False),
     ("hizoo_q2_masked", False), ("mezo", False), ("mezo_q3", True),
     ("mezo_adam", False)])
 def test_matches_plain_update(name, store_noise):
@@ -231,3 +234,22 @@ def test_errors():
     bad(params, tx.init(params), make_batch())
   with pytest.raises(TypeError, match="callable"):
     make_train_step(tx, None)
+
+
+def test_curvature_every_skips_the_center_evaluation():
+  """With curvature_every=2 the lean step evaluates L(theta) every 2nd step
+  only: 2 + 1 / 2 forward passes a step."""
+  calls = []
+
+  def counted_loss(p, x):
+    jax.debug.callback(lambda: calls.append(1))
+    return loss_fn(p, x)
+
+  tx = OPTIMIZERS["hizoo_every2"]()
+  params = make_params()
+  state = tx.init(params)
+  step = make_train_step(tx, counted_loss)
+  for _ in range(4):
+    params, state, _ = step(params, state, make_batch())
+  jax.effects_barrier()
+  assert len(calls) == 4 * 2 + 2

@@ -12,7 +12,9 @@ Methods, each with its learning rate (``--lr-*``) and ``mu = 1e-3``:
   probe's pass without its use;
 * ``hizoo_shuffled``: the default, but after every step the per-tensor
   values of H are permuted across tensors (a fixed random permutation):
-  H of the right spread assigned to the wrong tensors.
+  H of the right spread assigned to the wrong tensors;
+* ``hizoo_every4``: the default probing the curvature every 4th step
+  (``curvature_every=4``, 2.25 passes a step).
 
 Every run has the same budget of forward passes (MeZO takes 1.5x the steps
 of the three-pass methods), evaluates every ``--eval-every`` passes, and
@@ -42,8 +44,9 @@ import _model  # noqa: E402
 
 import hizoo_jax as hz  # noqa: E402
 
-METHODS = ("mezo", "hizoo", "hizoo_paper", "hizoo_frozen", "hizoo_shuffled")
-PASSES = {"mezo": 2}
+METHODS = ("mezo", "hizoo", "hizoo_paper", "hizoo_frozen", "hizoo_shuffled",
+           "hizoo_every4")
+PASSES = {"mezo": 2, "hizoo_every4": 2.25}
 
 
 def optimizer(method: str, lr: float, key: int):
@@ -53,6 +56,8 @@ def optimizer(method: str, lr: float, key: int):
     return hz.hizoo(lr, mu=1e-3, estimator="paper", key=key)
   if method == "hizoo_frozen":
     return hz.hizoo(lr, mu=1e-3, hessian_smooth=0.0, key=key)
+  if method == "hizoo_every4":
+    return hz.hizoo(lr, mu=1e-3, curvature_every=4, key=key)
   return hz.hizoo(lr, mu=1e-3, key=key)
 
 
@@ -104,7 +109,7 @@ def run_one(args, clf_params, clf, method, data_seed, record, path):
   state = tx.init(train)
   step = hz.make_train_step(tx, loss_fn)
   passes = PASSES.get(method, 3)
-  steps = args.budget // passes
+  steps = int(args.budget // passes)
   permutation = None
   if method == "hizoo_shuffled":
     n = len(per_tensor_h(state))
@@ -116,7 +121,7 @@ def run_one(args, clf_params, clf, method, data_seed, record, path):
   run.update(lr=lr, passes_per_step=passes, steps=steps, evals=[],
              train_loss=[])
   run["evals"].append([0, accuracy(train)])
-  eval_every = max(args.eval_every // passes, 1)
+  eval_every = max(int(args.eval_every // passes), 1)
   start = time.time()
   batch = {k: v for k, v in train_enc.items()}
   for t in range(1, steps + 1):

@@ -163,6 +163,9 @@ def main():
   parser.add_argument("--grid", default=",".join(map(str, GRID)),
                       help="learning rates as multiples of 1 / tr(A)")
   parser.add_argument("--seeds", type=int, default=3, help="noise seeds")
+  parser.add_argument("--long-mezo", type=float, default=10.0,
+                      help="also run MeZO with this many times the budget "
+                      "(0: not), to bound how many passes it needs")
   parser.add_argument("--out", default=os.path.join(HERE, "results"),
                       help="directory for quadratic.json and quadratic.png")
   args = parser.parse_args()
@@ -188,14 +191,18 @@ def main():
       def groups_of(v, cols=a["m"].shape[1]):
         return v.reshape(-1, cols).mean(axis=1)
     entry = results.setdefault(key, {})
-    for name, spec in methods(a).items():
+    todo = [(name, spec, args.budget) for name, spec in methods(a).items()]
+    if args.long_mezo:
+      todo.append((f"mezo_x{args.long_mezo:g}", methods(a)["mezo"],
+                   args.budget * args.long_mezo))
+    for name, spec, budget in todo:
       if name in entry or (layout == "tensors" and name == "hizoo_rows"):
         continue
       start = time.time()
       curves, h, per_point = run_method(
-          x0, a, int(args.budget * d), spec, lrs, seeds)
+          x0, a, int(budget * d), spec, lrs, seeds)
       entry[name] = summarise(curves, h, per_point, a_flat, groups_of, grid)
-      entry[name].update(budget_passes=int(args.budget * d), seeds=len(seeds))
+      entry[name].update(budget_passes=int(budget * d), seeds=len(seeds))
       entry[name]["seconds"] = round(time.time() - start, 1)
       print(key, name, {k: v for k, v in entry[name].items()
                         if k not in ("curve", "final_per_c")}, flush=True)
