@@ -112,7 +112,8 @@ def main():
     train, state, metrics = step(train, state, batch)
     losses.append(float(metrics["loss"]))
   hizoo_seconds = time.time() - start
-  factors, = hz.find_state(state).hessian
+  zo = hz.find_state(state)
+  factors, = zo.hessian
   learned = np.array([float(np.mean(np.asarray(h)))
                       for h in jax.tree.leaves(factors)])
 
@@ -135,6 +136,12 @@ def main():
       "spearman_learned_vs_diag_all": spearman(learned, mean),
       "spearman_learned_vs_proxy": spearman(learned, proxy),
       "learned_range": [float(learned.min()), float(learned.max())],
+      # The rule's own statistics: q's running mean b and the residual's
+      # (y / lam)^2; the gain of a group of n is min(1, n / (2 v)).
+      "baseline_b": float(zo.curvature_stats.baseline),
+      "spread_v": float(zo.curvature_stats.spread),
+      "largest_gain": min(1.0, max(x.size for x in jax.tree.leaves(params))
+                          / (2 * float(zo.curvature_stats.spread))),
       "loss_first_last": [losses[0], losses[-1]],
       "hutchinson_seconds": round(hutchinson_seconds, 1),
       "hizoo_seconds": round(hizoo_seconds, 1),

@@ -210,6 +210,10 @@ def main():
   plot(results, os.path.join(args.out, "quadratic.png"))
 
 
+COLORS = {"mezo": "C0", "hizoo_paper": "C1", "hizoo": "C2", "hizoo_rows": "C6",
+          "hizoo_l": "C3", "oracle": "C4"}
+
+
 def plot(results, path):
   import matplotlib
   matplotlib.use("Agg")
@@ -220,16 +224,20 @@ def plot(results, path):
   fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows),
                            squeeze=False)
   for ax, key in zip(axes.ravel(), keys):
+    d = int(key.split("d=")[1].split()[0])
     for name, r in results[key].items():
       curve = np.asarray(r["curve"])
-      passes = np.linspace(0, 1, len(curve) + 1)[1:]
-      ax.semilogy(passes, curve, label=name)
+      passes = np.linspace(0, r["budget_passes"], len(curve) + 1)[1:] / d
+      long_run = name.startswith("mezo_x")
+      ax.loglog(passes, curve, label=name.replace("_x", " x"),
+                color=COLORS["mezo" if long_run else name],
+                ls=":" if long_run else "-")
     ax.axhline(TARGET, color="grey", lw=0.5, ls=":")
     ax.set_title(key, fontsize=9)
-    ax.set_xlabel("forward passes / budget")
+    ax.set_xlabel("forward passes / d")
     ax.set_ylim(1e-5, 2)
-  axes[0, 0].set_ylabel("f / f0 (median of 3 seeds, best lr)")
-  axes[0, 0].legend(fontsize=7)
+    ax.legend(fontsize=6)
+  axes[0, 0].set_ylabel("f / f0 (median over seeds, best lr)")
   for ax in axes.ravel()[len(keys):]:
     ax.axis("off")
   fig.tight_layout()

@@ -56,7 +56,8 @@ def hessian_table(r) -> str:
   keys = ["tensors", "resolved_tensors", "positive_resolved",
           "split_half_spearman_diag", "split_half_spearman_proxy",
           "spearman_learned_vs_diag_resolved", "spearman_learned_vs_diag_all",
-          "spearman_learned_vs_proxy", "learned_range", "loss_first_last"]
+          "spearman_learned_vs_proxy", "learned_range", "baseline_b",
+          "spread_v", "largest_gain", "loss_first_last"]
   lines = ["| quantity | value |", "| --- | --- |"]
   for k in keys:
     v = r.get(k)
