@@ -118,9 +118,10 @@ def finetune_plot(by_method, path):
       passes, acc = zip(*run["evals"])
       ax.plot(passes, acc, marker=".", label=method if i == 0 else None,
               color=f"C{list(by_method).index(method)}", alpha=0.8)
+  zero_shot = next(iter(next(iter(by_method.values())).values()))["evals"][0][1]
+  ax.axhline(zero_shot, color="grey", ls="--", lw=0.8, label="zero-shot")
   ax.set_xlabel("forward passes")
   ax.set_ylabel("SST-2 test accuracy (872)")
-  ax.set_ylim(0.5, 1.0)
   ax.legend(fontsize=8)
   ax.set_title("MiniLM, k = 16, full fine-tuning (one line per data seed)")
   fig.tight_layout()
