@@ -29,7 +29,6 @@ Results go to ``benchmarks/results/memory.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import subprocess
@@ -45,22 +44,6 @@ MORE = ["mezo_naive", "hizoo_naive", "hizoo_l_naive", "mezo_store",
         "hizoo_store"]
 
 
-def _status_kib(field: str) -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1])
-  return -1
-
-
-def _trim_heap() -> None:
-  """Returns the heap glibc holds free to the system (no-op elsewhere)."""
-  try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
-
-
 def child(size: str, mode: str, steps: int) -> None:
   """Runs in a fresh process; prints one JSON line."""
   import jax
@@ -69,19 +52,14 @@ def child(size: str, mode: str, steps: int) -> None:
   fn, make_state = common.mode_fn(mode, loss_fn)
   state = make_state(params)
   jax.block_until_ready((params, state))
-  _trim_heap()
-  unloaded = _status_kib("VmRSS")
+  common.trim_heap()
+  unloaded = common.status_kib("VmRSS")
   start = time.perf_counter()
   compiled = fn.lower(params, state, batch).compile()
   load_seconds = time.perf_counter() - start
-  _trim_heap()
-  before = _status_kib("VmRSS")
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")  # Resets VmHWM to the current RSS.
-    reset = True
-  except OSError:
-    reset = False
+  common.trim_heap()
+  before = common.status_kib("VmRSS")
+  reset = common.reset_peak()
   trace = []
   for i in range(steps):
     out = compiled(params, state, batch)
@@ -89,12 +67,12 @@ def child(size: str, mode: str, steps: int) -> None:
     if isinstance(out, tuple) and isinstance(out[0], dict):
       params, state = out[0], out[1]
     if i + 1 in (1, 10, 50, 100, steps):
-      trace.append((i + 1, _status_kib("VmRSS") / 1024))
+      trace.append((i + 1, common.status_kib("VmRSS") / 1024))
   print(json.dumps({
       "rss_before_mib": before / 1024,
       "program_mib": (before - unloaded) / 1024,
       "load_seconds": load_seconds,
-      "peak_mib": _status_kib("VmHWM") / 1024,
+      "peak_mib": common.status_kib("VmHWM") / 1024,
       "peak_reset": reset, "trace": trace,
       "params_mib": cfg.num_params * 4 / common.MiB}))
 

@@ -7,6 +7,7 @@ returns something that depends on all of its work, so nothing is dead code.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
@@ -116,6 +117,33 @@ def memory(compiled) -> dict:
   return out
 
 
+def status_kib(field: str) -> int:
+  """A field of /proc/self/status in KiB (``VmRSS``, ``VmHWM``), or -1."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1])
+  return -1
+
+
+def trim_heap() -> None:
+  """Returns the heap glibc holds free to the system (no-op elsewhere)."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
+def reset_peak() -> bool:
+  """Resets VmHWM to the current RSS; False if the kernel does not allow it."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
 def state_group(name: str) -> str:
   """Modes of one optimizer (``hizoo``, ``hizoo_noise``, ...) share a state."""
   for base in ("hizoo_l", "hizoo", "mezo"):
@@ -162,10 +190,11 @@ def environment() -> dict:
   }
 
 
-def save(name: str, data: dict, markdown: str) -> None:
+def save(name: str, data: dict, markdown: str, echo: bool = True) -> None:
   os.makedirs(RESULTS, exist_ok=True)
   with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
     json.dump(data, f, indent=1)
   with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
     f.write(markdown)
-  print(markdown)
+  if echo:
+    print(markdown)
