@@ -6,14 +6,16 @@
 Each generator is timed fused into its consumer, ``x + 1e-3 * z`` with ``x``
 donated (the way a zeroth-order step uses it), and alone (``z`` returned).
 Reported: median milliseconds, elements per second, speed-up over
-``jax.random.normal`` and the compiled program's temporary bytes.
+``jax.random.normal``, the compiled program's temporary bytes and its HLO
+instruction count (what every leaf and draw of a zeroth-order step adds).
 Generators:
 
-* ``hash_erfinv`` (the library's): two rounds of a 32-bit integer hash of
-  the element index, 23 bits to a uniform, ``sqrt(2) erfinv(2u - 1)`` from
-  cheap operations only (``hizoo_jax.fusible``).
-* ``hash_lax_erfinv``: the same uniform through ``lax.erf_inv`` (the
-  library's quantile until 2026-11-24).
+* ``hash_binomial`` (the library's): two rounds of a 32-bit integer hash of
+  the element index; the popcount of 24 bits plus the other 8 as a dither,
+  standardised (``hizoo_jax.noise``).
+* ``hash_lax_erfinv``: the same hash, 23 bits to a uniform, through
+  ``sqrt(2) lax.erf_inv(2u - 1)`` (an exact normal quantile; the library
+  used it, then a cheap-op version of it, until 2026-11-26).
 * ``hash_box_muller``: the same hash for two uniforms per element (a second
   hash round), Box-Muller ``sqrt(-2 log u1) cos(2 pi u2)``.
 * ``threefry_normal``: ``jax.random.normal`` (threefry, the default).
@@ -35,7 +37,7 @@ import common  # noqa: F401  (sets sys.path, results helpers)
 from hizoo_jax import noise
 
 
-def hash_erfinv(seed, shape):
+def hash_binomial(seed, shape):
   return noise.gaussian(seed, shape)
 
 
@@ -56,7 +58,7 @@ def threefry_normal(seed, shape):
   return jax.random.normal(key, shape, jnp.float32)
 
 
-GENERATORS = {"hash_erfinv": hash_erfinv, "hash_lax_erfinv": hash_lax_erfinv,
+GENERATORS = {"hash_binomial": hash_binomial, "hash_lax_erfinv": hash_lax_erfinv,
               "hash_box_muller": hash_box_muller,
               "threefry_normal": threefry_normal}
 
@@ -91,30 +93,34 @@ def main():
     x = jnp.zeros(shape, jnp.float32)
     row = {}
     for kind, fn, donate in (("fused", fused, True), ("alone", alone, False)):
-      temp = fn.lower(x, seed).compile().memory_analysis().temp_size_in_bytes
+      compiled = fn.lower(x, seed).compile()
+      temp = compiled.memory_analysis().temp_size_in_bytes
+      size = sum(1 for line in compiled.as_text().splitlines()
+                 if " = " in line)
       seconds = _time(fn, (jnp.zeros(shape, jnp.float32), seed), donate,
                       args.repeats)
       row[kind] = {"ms": 1e3 * seconds, "elements_per_s": n / seconds,
-                   "temp_mib": temp / common.MiB}
+                   "temp_mib": temp / common.MiB, "hlo_instructions": size}
     rows[name] = row
     print(name, row, flush=True)
-  z = np.asarray(hash_erfinv(seed, shape)).ravel()[: 1 << 20]
+  z = np.asarray(hash_binomial(seed, shape)).ravel()[: 1 << 20]
   stats = {"mean": float(z.mean()), "var": float(z.var()),
            "kurtosis": float(np.mean(z**4))}
   base = rows["threefry_normal"]
   lines = [f"{n} float32 elements ({n * 4 / common.MiB:.0f} MiB); medians of "
            f"{args.repeats}.", "",
            "| generator | fused x + 1e-3 z (ms) | speed-up | temp (MiB) "
-           "| alone (ms) | speed-up | temp (MiB) | Gelem/s fused |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| alone (ms) | speed-up | temp (MiB) | Gelem/s fused "
+           "| HLO instructions fused |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for name, row in rows.items():
     f, a = row["fused"], row["alone"]
     lines.append(
         f"| {name} | {f['ms']:.0f} | {base['fused']['ms'] / f['ms']:.2f} | "
         f"{f['temp_mib']:.0f} | {a['ms']:.0f} | "
         f"{base['alone']['ms'] / a['ms']:.2f} | {a['temp_mib']:.0f} | "
-        f"{f['elements_per_s'] / 1e9:.2f} |")
-  lines += ["", f"hash_erfinv sample moments (2^20 draws): mean "
+        f"{f['elements_per_s'] / 1e9:.2f} | {f['hlo_instructions']} |")
+  lines += ["", f"hash_binomial sample moments (2^20 draws): mean "
             f"{stats['mean']:+.4f}, variance {stats['var']:.4f}, E[z^4] "
             f"{stats['kurtosis']:.3f}."]
   common.save("noise", {"environment": common.environment(), "n": n,

@@ -28,8 +28,8 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 ZO = {
     "mezo": lambda: hz.mezo(1e-6, mu=1e-3),
-    "hizoo": lambda: hz.hizoo(1e-6, mu=1e-3, hessian_smooth=1e-6),
-    "hizoo_l": lambda: hz.hizoo_l(1e-6, mu=1e-3, hessian_smooth=1e-6),
+    "hizoo": lambda: hz.hizoo(1e-6, mu=1e-3),
+    "hizoo_l": lambda: hz.hizoo_l(1e-6, mu=1e-3),
 }
 
 # Forward passes and noise passes (one draw of z fused into a parameter-sized

@@ -173,6 +173,25 @@ def trainable_leaves(mask, params, treedef, paths) -> list[bool]:
   return out
 
 
+def stacked_leaves(stacked, params, treedef, paths) -> list[bool]:
+  """One bool per leaf: True where ``stacked`` marks a leading layer axis."""
+  if stacked is None:
+    return [False] * len(paths)
+  leaves = treedef.flatten_up_to(full_mask(stacked, params))
+  flags = []
+  for path, flag, x in zip(paths, leaves, treedef.flatten_up_to(params)):
+    if not isinstance(flag, (bool, np.bool_)):
+      raise ValueError(
+          f"stacked entry at {jax.tree_util.keystr(path)} must be a Python "
+          f"bool, got {flag!r}.")
+    if flag and jnp.ndim(x) < 1:
+      raise ValueError(
+          f"parameter {jax.tree_util.keystr(path)} is marked stacked but is "
+          "a scalar: a stacked leaf has a leading axis of layers.")
+    flags.append(bool(flag))
+  return flags
+
+
 def check_leaf_dtypes(leaves, paths, trainable) -> None:
   for leaf, path, keep in zip(leaves, paths, trainable):
     if keep and not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):

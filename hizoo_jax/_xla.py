@@ -60,3 +60,28 @@ def computed_like(value: jax.Array, leaf: jax.Array,
   if jax.device_count() == 1:
     return value
   return value + leaf.astype(value.dtype) * zero.astype(value.dtype)
+
+
+
+
+
+def computed_once(value, zero: jax.Array):
+  """``value`` (a tree of small arrays), computed once and stored.
+
+  XLA duplicates a cheap elementwise producer into every fusion that reads
+  it (an optimization barrier does not stop that on XLA:CPU): the per-leaf
+  seeds' hash chain and the curvature rule's shared scalars would be
+  recomputed in each leaf's fusions, about 80 instructions per leaf and use.
+  A reduction's result is stored, so each value passes through a sum of
+  ``(x, 0)`` whose mask depends on ``zero`` (a uint32 0 that XLA cannot
+  prove, so it cannot simplify the sum away).
+  """
+  def stored(x):
+    x = jnp.asarray(x)
+    as_int = x.dtype == jnp.bool_
+    x = x.astype(jnp.int32) if as_int else x
+    first = lax.broadcasted_iota(jnp.uint32, (2,) + x.shape, 0) == zero
+    out = jnp.sum(jnp.where(first, x[None], jnp.zeros_like(x)[None]), axis=0,
+                  dtype=x.dtype)
+    return out.astype(jnp.bool_) if as_int else out
+  return jax.tree.map(stored, value)

@@ -67,6 +67,7 @@ def hizoo(
     mask=None,
     hessian_dtype=None,
     weight_decay_mask=None,
+    stacked=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""HiZOO: Hessian-informed zeroth-order optimizer (arXiv 2402.15173).
 
@@ -94,6 +95,8 @@ def hizoo(
     mask: tree of bools or callable; False leaves are frozen.
     hessian_dtype: dtype of H (None: float32).
     weight_decay_mask: override of the default decay mask.
+    stacked: tree of bools or callable; True marks leaves whose leading axis
+      stacks layers (each layer keeps its own curvature).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs
@@ -117,7 +120,8 @@ def hizoo(
           curvature_every=1 if curvature_every is None else curvature_every,
           num_queries=1 if num_queries is None else num_queries,
           mask=mask, key=key,
-          hessian_dtype=jnp.float32 if hessian_dtype is None else hessian_dtype),
+          hessian_dtype=jnp.float32 if hessian_dtype is None else hessian_dtype,
+          stacked=stacked),
       *_tail(learning_rate, weight_decay, weight_decay_mask, mask),
   )
 
@@ -136,6 +140,7 @@ def hizoo_l(
     mask=None,
     hessian_dtype=None,
     weight_decay_mask=None,
+    stacked=None,
 ) -> optax.GradientTransformationExtraArgs:
   """HiZOO-L: :func:`hizoo` with row/column factored curvature.
 
@@ -157,7 +162,7 @@ def hizoo_l(
       min_dim_size_to_factor=min_dim_size_to_factor,
       curvature_every=curvature_every, num_queries=num_queries,
       mask=mask, hessian_dtype=hessian_dtype,
-      weight_decay_mask=weight_decay_mask)
+      weight_decay_mask=weight_decay_mask, stacked=stacked)
 
 
 def mezo(

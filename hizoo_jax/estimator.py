@@ -13,6 +13,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from hizoo_jax import _checks
@@ -92,6 +93,7 @@ def _zo_estimator(
     mask,
     key,
     hessian_dtype,
+    stacked=None,
 ) -> optax.GradientTransformationExtraArgs:
   """HiZOO when ``estimator`` is given, MeZO when it is None."""
   with_curvature = estimator is not None
@@ -134,18 +136,26 @@ def _zo_estimator(
     _checks.check_leaf_dtypes(leaves, paths, trainable)
     return leaves, paths, treedef, trainable
 
+  def matrix_axes(shape, layers: bool):
+    """The (row, col) axes to factor over; a stacked leaf's layers never."""
+    if not layers:
+      return curvature.factored_axes(shape, min_dim)
+    axes = curvature.factored_axes(shape[1:], min_dim)
+    return None if axes is None else (axes[0] + 1, axes[1] + 1)
+
   def init_fn(params):
-    leaves, _, treedef, trainable = flatten(params)
+    leaves, paths, treedef, trainable = flatten(params)
     hessian = stats = None
     if with_curvature:
+      layers = _checks.stacked_leaves(stacked, params, treedef, paths)
       hessian = rule.join([
           rule.init(
               jnp.shape(x), granularity,
-              curvature.factored_axes(jnp.shape(x), min_dim),
+              matrix_axes(jnp.shape(x), layer),
               jnp.result_type(x) if param_dtype_h else hessian_dtype,
-              noise.explicit_sharding(x),
+              noise.explicit_sharding(x), layer,
           ) if keep else None
-          for x, keep in zip(leaves, trainable)
+          for x, keep, layer in zip(leaves, trainable, layers)
       ], treedef)
       stats = rule.init_stats()
     def zero():  # A distinct buffer per field, so the state can be donated.
@@ -188,14 +198,20 @@ def _zo_estimator(
     del updates  # Zeroth order: the incoming updates are not used.
     leaves, paths, treedef, trainable = flatten(params)
     hess = curvature_leaves(state, treedef, leaves, paths, trainable)
-    hashes = [noise.path_hash(p) for p in paths]
+    hashes = np.array([noise.path_hash(p) for p in paths], np.uint32)
     mu_t = _at_step(mu, state.count)
     probe = (state.count % every) == 0
     mu_t, valid = _checks.step_hyperparams(
         mu_t, hessian_smooth if with_curvature else None, state.count)
 
+    # Every leaf's seed for every query: (q, leaves, 2), one small vector op.
+    zero = (state.count >> 31).astype(jnp.uint32)  # 0; XLA cannot prove it.
+    seeds = _xla.computed_once(noise.leaf_seed(
+        state.rng_key, state.count,
+        jnp.arange(num_queries, dtype=jnp.uint32)[:, None], hashes), zero)
+
     def z(i, query, order=None):
-      seed = noise.leaf_seed(state.rng_key, state.count, query, hashes[i])
+      seed = seeds[query, i]
       if order is not None:
         seed = seed ^ draws.salt(order)
       z_i = noise.gaussian(seed, jnp.shape(leaves[i]),
@@ -204,7 +220,7 @@ def _zo_estimator(
         return z_i
       return _xla.computed_like(z_i, leaves[i], draws.salt(order))
 
-    draws = noise.Draws(z=z, zero=(state.count >> 31).astype(jnp.uint32))
+    draws = noise.Draws(z=z, zero=zero)
 
     def shift(tree, coeff, query):
       out = treedef.flatten_up_to(tree)
@@ -231,7 +247,8 @@ def _zo_estimator(
     if with_curvature:
       finite &= jnp.isfinite(center) | ~probe
     grad = (plus - minus) / (2 * mu_t)  # (q,)
-    grad_used = jnp.where(finite, grad, 0.0).astype(jnp.float32)
+    grad_used = _xla.computed_once(
+        jnp.where(finite, grad, 0.0).astype(jnp.float32), zero)
 
     new_hess, new_stats = hess, None
     if with_curvature:
@@ -293,6 +310,7 @@ def scale_by_hizoo(
     mask=None,
     key=0,
     hessian_dtype=None,
+    stacked=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""HiZOO's Hessian-informed zeroth-order gradient estimate.
 
@@ -349,6 +367,11 @@ def scale_by_hizoo(
     hessian_dtype: dtype of H (None: float32, whatever the parameter dtype);
       "param" (estimator "reference" only) keeps it in each parameter's
       dtype.
+    stacked: tree of bools like params (or a prefix of it, or a callable
+      returning one); True marks a leaf whose leading axis stacks layers
+      (``nnx.scan``, ``nn.scan``, ``lax.scan`` over stacked weights): each
+      layer then keeps its own curvature, as separate leaves would, and is
+      never factored over its layer axis. None: no leaf is stacked.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update(updates, state,
@@ -378,7 +401,8 @@ def scale_by_hizoo(
       curvature_every=1 if curvature_every is None else curvature_every,
       num_queries=1 if num_queries is None else num_queries,
       mask=mask, key=key,
-      hessian_dtype=jnp.float32 if hessian_dtype is None else hessian_dtype)
+      hessian_dtype=jnp.float32 if hessian_dtype is None else hessian_dtype,
+      stacked=stacked)
 
 
 def scale_by_mezo(

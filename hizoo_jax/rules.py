@@ -25,7 +25,8 @@ class Rule(NamedTuple):
 
   granularities: tuple[str, ...]
   default_rate: float
-  init: Callable  # (shape, granularity, factored axes, dtype, sharding)
+  init: Callable  # (shape, granularity, factored axes, dtype, sharding,
+  # stacked)
   init_stats: Callable[[], Any]
   inv_sqrt: Callable[[Any], jax.Array]  # H^{-1/2}, broadcastable to the leaf.
   update: Callable  # (hess, stats, second, draws, shapes, rate, probe)
@@ -35,7 +36,8 @@ class Rule(NamedTuple):
   join: Callable  # (per leaf, treedef) -> state.hessian
 
 
-def _paper_init(shape, granularity, axes, dtype, sharding):
+def _paper_init(shape, granularity, axes, dtype, sharding, stacked):
+  del stacked  # Per element, or factored over axes that exclude the layers.
   return curvature.init(
       shape, axes if granularity == "factored" else None, dtype, sharding)
 

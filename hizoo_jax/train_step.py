@@ -40,6 +40,7 @@ import optax
 from jax import lax
 
 from hizoo_jax import _checks
+from hizoo_jax import _xla
 from hizoo_jax import estimator as _estimator
 
 Params = Any
@@ -162,8 +163,9 @@ def _evaluate(optimizer, opt_state, params, batch, loss_fn, perturbation,
     deltas = _stored_deltas(perturbation.shift, params, num_queries)
 
   def move(theta, state, m):
-    coeffs = jnp.asarray(coeff_table)[m]
-    queries = jnp.asarray(query_table)[m]
+    coeffs, queries = _xla.computed_once(
+        (jnp.asarray(coeff_table)[m], jnp.asarray(query_table)[m]),
+        (jnp.asarray(m) >> 31).astype(jnp.uint32))
     terms = [(coeffs[t], queries[t]) for t in range(coeff_table.shape[1])]
     if deltas is not None:
       return _add_stored(theta, deltas, terms)

@@ -290,7 +290,7 @@ def test_signed_floor_bounds_a_tensor_without_curvature():
   for _ in range(200):
     _, state = step(state)
   factors, = state.hessian
-  assert 1e-4 <= float(factors["dead"][0]) < 2e-4
+  assert np.float32(1e-4) <= float(factors["dead"][0]) < 2e-4
   assert float(factors["live"][0]) > 1.0  # the mean is 1
 
 

@@ -1,4 +1,4 @@
-"""Statistics and reproducibility of the counter-based Gaussian noise."""
+"""Statistics and reproducibility of the counter-based noise."""
 
 import jax
 import jax.numpy as jnp
@@ -22,25 +22,54 @@ def sample():
   return draw()
 
 
+def exact_distribution():
+  """The generator's atoms and probabilities, from its definition (float64).
+
+  z = (c + (k + 1/2) / 256 - 1/2 - 12) / sigma with c ~ Binomial(24, 1/2) and
+  k uniform on 0..255, independent.
+  """
+  from math import comb
+  coins = np.arange(25)
+  p_coins = np.array([comb(24, c) for c in coins]) / 2.0**24
+  dither = (np.arange(256) + 0.5) / 256 - 0.5
+  values = coins[:, None] + dither[None, :] - 12.0
+  probs = p_coins[:, None] * np.full(256, 1 / 256)[None, :]
+  sigma = np.sqrt(np.sum(probs * values**2))
+  order = np.argsort(values, axis=None)
+  return values.reshape(-1)[order] / sigma, probs.reshape(-1)[order]
+
+
+def test_exact_distribution_is_standard_and_nearly_normal():
+  from math import erf
+  atoms, probs = exact_distribution()
+  assert abs(np.sum(probs * atoms)) < 1e-12
+  assert abs(np.sum(probs * atoms**2) - 1) < 1e-12
+  assert abs(np.sum(probs * atoms**4) - noise.FOURTH_MOMENT) < 1e-9
+  normal_cdf = 0.5 * (1 + np.vectorize(erf)(atoms / np.sqrt(2)))
+  assert np.max(np.abs(np.cumsum(probs) - normal_cdf)) < 0.01
+
+
 def test_moments(sample):
   se = 1 / np.sqrt(N)
   assert abs(sample.mean()) < 5 * se
   assert abs(sample.var() - 1) < 5 * np.sqrt(2) * se
   assert abs(np.mean(sample**3)) < 5 * np.sqrt(15) * se
-  assert abs(np.mean(sample**4) - 3) < 5 * np.sqrt(96) * se
-  # Tails: P(|z| > 3) = 0.0027; truncated at about 5.3 sigma by design.
-  assert abs(np.mean(np.abs(sample) > 3) - 0.0027) < 5 * np.sqrt(0.0027 / N)
-  assert np.abs(sample).max() < 5.5
+  assert abs(np.mean(sample**4) - noise.FOURTH_MOMENT) < 5 * np.sqrt(96) * se
+  atoms, probs = exact_distribution()
+  tail = np.sum(probs[np.abs(atoms) > 3])
+  assert abs(np.mean(np.abs(sample) > 3) - tail) < 5 * np.sqrt(tail / N)
+  assert np.abs(sample).max() <= np.abs(atoms).max() + 1e-6
 
 
-def test_distribution_matches_normal_cdf(sample):
-  # Kolmogorov-Smirnov distance against the standard normal CDF.
-  from math import erf
-  xs = np.sort(sample[:: 16])
-  cdf = 0.5 * (1 + np.vectorize(erf)(xs / np.sqrt(2)))
-  n = xs.size
-  ks = max(np.max(np.arange(1, n + 1) / n - cdf), np.max(cdf - np.arange(n) / n))
-  assert ks < 1.6 / np.sqrt(n)  # 1% critical value is 1.63 / sqrt(n).
+def test_distribution_matches_its_definition(sample):
+  # Kolmogorov-Smirnov distance against the exact CDF of the generator.
+  atoms, probs = exact_distribution()
+  xs = sample
+  which = np.searchsorted(atoms, xs - 1e-5)  # the atom each value is.
+  np.testing.assert_allclose(atoms[which], xs, atol=1e-5)
+  empirical = np.cumsum(np.bincount(which, minlength=atoms.size)) / xs.size
+  ks = np.max(np.abs(empirical - np.cumsum(probs)))
+  assert ks < 1.63 / np.sqrt(xs.size)  # the 1% critical value.
 
 
 def _corr(a, b):
