@@ -32,16 +32,17 @@ step as a user's first run does. The child:
    lines of ``as_text()`` with " = ").
 
 Models (``--models``): ``decoder:25M``, ``decoder:100M``, ``decoder:350M``
-(``model.py``, its batches) and ``opt:125m`` (batch 16 x 128), ``opt:1.3b``
-(4 x 64), ``opt:tiny`` (smoke test, 4 x 32): transformers' Flax OPT built
-offline from an ``OPTConfig``. Random init leaf by leaf with OPT's scheme
+(``model.py``, its batches) and ``opt:125m`` (batch 16 x 128),
+``opt:1.3b``, ``opt:2.7b``, ``opt:6.7b`` (4 x 64), ``opt:tiny`` (smoke test,
+4 x 32): transformers' Flax OPT built offline from an ``OPTConfig``. Random init leaf by leaf with OPT's scheme
 (shapes from ``jax.eval_shape(init_weights)``, one small jitted draw per
 weight): the build peaks at 1.05x the parameters at 1.3B (36 s), where one
 jitted ``init_weights`` holds ~1.8x the parameters in temporaries. Loss: mean
-token cross-entropy of ``logits[:, :-1]`` against ``ids[:, 1:]`` in float32,
-no dropout. ``--dtype bfloat16`` stores the parameters in bfloat16 (the
-computation stays float32) and labels the model ``<model>/bf16``; ``--batch
-BxT`` overrides the batch and appends ``@BxT``.
+token cross-entropy of ``logits[:, :-1]`` against ``ids[:, 1:]`` in float32
+(log-sum-exp minus the target logit), no dropout. ``--dtype bfloat16``
+stores the parameters in bfloat16 and computes in bfloat16 (the loss in
+float32), and labels the model ``<model>/bf16``; ``--batch BxT`` overrides
+the batch and appends ``@BxT``.
 
 A child that fails or times out is recorded with its stderr tail. Results go
 to ``benchmarks/results/<--out>.{json,md}``, saved after every mode; pairs
@@ -67,6 +68,8 @@ MODELS = ["decoder:25M", "decoder:100M", "decoder:350M", "opt:125m", "opt:1.3b"]
 OPT = {
     "125m": (768, 12, 3072, 12, 50272, 2048, (16, 128)),
     "1.3b": (2048, 24, 8192, 32, 50272, 2048, (4, 64)),
+    "2.7b": (2560, 32, 10240, 32, 50272, 2048, (4, 64)),
+    "6.7b": (4096, 32, 16384, 32, 50272, 2048, (4, 64)),
     "tiny": (64, 2, 128, 4, 1000, 256, (4, 32)),
 }
 
@@ -89,7 +92,9 @@ def build_opt(name: str, dtype, batch):
       hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn,
       num_attention_heads=heads, vocab_size=vocab,
       max_position_embeddings=positions, word_embed_proj_dim=hidden)
-  model = FlaxOPTForCausalLM(config, _do_init=False)
+  # bf16 parameters compute in bf16: a float32 module would convert every
+  # weight up front (at 6.7B, a 26.6 GB float32 copy).
+  model = FlaxOPTForCausalLM(config, dtype=dtype, _do_init=False)
   module = model.module
   # One jitted init_weights holds ~1.8x the parameters in temporaries (the
   # threefry draws of every leaf at once); leaf by leaf, OPT's own scheme
@@ -115,8 +120,11 @@ def build_opt(name: str, dtype, batch):
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
     logits = module.apply({"params": params}, ids, jnp.ones_like(ids),
                           positions, deterministic=True, return_dict=False)[0]
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], -1))
+    # log-sum-exp minus the target's logit: XLA reduces the logits where
+    # they are, where log_softmax would store a second logits-sized array.
+    logits = logits[:, :-1].astype(jnp.float32)
+    target = jnp.take_along_axis(logits, ids[:, 1:, None], -1)[..., 0]
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - target)
 
   return params, tokens, loss
 

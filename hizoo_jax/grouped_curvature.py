@@ -205,6 +205,9 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
   sums, previous = {}, None
   for i in live:
     for k, f in enumerate(hess[i]):
+      if k and f.shape == hess[i][0].shape:  # HiZOO-L on a non-matrix leaf.
+        sums[i, k] = sums[i, 0]
+        continue
       per_query = []
       for j in range(num_queries):
         z = draw.z(i, j, k if previous is None else jnp.abs(previous))
