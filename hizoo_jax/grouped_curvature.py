@@ -198,23 +198,20 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
   num_queries = second.shape[0]
   live = [i for i, h in enumerate(hess) if h is not None]
   dim = float(sum(np.prod(shapes[i]) for i in live))
-  # Pass over z: its group sums of (z^2 - 1), shape (q, *factor shape). Each
-  # draw waits for the previous sum (its sign bit, 0 for |sum|: see
-  # noise.zero_after): where a reduction stores its operand (XLA:CPU
-  # meshes), one leaf's noise is live at a time.
-  sums, previous = {}, None
+  # The group sums of (z^2 - 1), shape (q, *factor shape), per leaf and
+  # factor. HiZOO-L's second per-tensor factor of a non-matrix leaf has the
+  # same groups as its first: same sums.
+  own = [(i, k) for i in live for k, f in enumerate(hess[i])
+         if not (k and f.shape == hess[i][0].shape)]
+  flat = draw.ordered_sums(
+      [(i, j, _shared_axes(hess[i][k].shape, shapes[i]))
+       for i, k in own for j in range(num_queries)],
+      lambda z: jnp.square(z) - 1.0)
+  sums = {key: jnp.stack(flat[n * num_queries:(n + 1) * num_queries])
+          for n, key in enumerate(own)}
   for i in live:
-    for k, f in enumerate(hess[i]):
-      if k and f.shape == hess[i][0].shape:  # HiZOO-L on a non-matrix leaf.
-        sums[i, k] = sums[i, 0]
-        continue
-      per_query = []
-      for j in range(num_queries):
-        z = draw.z(i, j, k if previous is None else jnp.abs(previous))
-        previous = _xla.fused_sum(jnp.square(z) - 1.0,
-                                  _shared_axes(f.shape, shapes[i]))
-        per_query.append(previous)
-      sums[i, k] = jnp.stack(per_query)
+    for k in range(1, len(hess[i])):
+      sums.setdefault((i, k), sums[i, 0])
   norm_sq = dim + sum(
       jnp.sum(sums[i, 0].reshape(num_queries, -1), axis=1) for i in live)
 

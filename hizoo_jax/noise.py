@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from hizoo_jax import _xla
+
 _GOLDEN = 0x9E3779B9
 _MAX_ELEMENTS = 2**32
 _COINS = 24  # high bits counted; the other 8 dither the count.
@@ -200,6 +202,21 @@ class Draws(NamedTuple):
 
   z: Callable[..., jax.Array]
   zero: jax.Array  # (), uint32: 0, computed from the step count.
+
+  def ordered_sums(self, requests, fn) -> list:
+    """``sum(fn(z))`` over ``axes`` (kept) for each ``(leaf, query, axes)``.
+
+    Each draw is salted with the previous sum (the sign bit of its absolute
+    value: a zero XLA cannot prove), so the sums run one after another and
+    no two share (and store) a draw: where a reduction stores its operand
+    (XLA:CPU meshes), one leaf's noise is live at a time.
+    """
+    out, previous = [], None
+    for leaf, query, axes in requests:
+      z = self.z(leaf, query, 0 if previous is None else jnp.abs(previous))
+      previous = _xla.fused_sum(fn(z), axes)
+      out.append(previous)
+    return out
 
   def salt(self, order) -> jax.Array:
     """A uint32 zero: distinct per int ``order``, or after an array."""
