@@ -141,7 +141,10 @@ def main():
   if ft:
     by_method, rows = finetune_summary(ft)
     parts += ["## Fine-tuning, k-shot SST-2 (finetune_sst2.json)",
-              f"config: `{json.dumps(ft.get('config', {}))}`",
+              # methods/seeds: of the last invocation only (runs resume).
+              "config: `" + json.dumps({
+                  k: v for k, v in ft.get("config", {}).items()
+                  if k not in ("methods", "seeds")}) + "`",
               finetune_table(rows)]
     finetune_plot(by_method, os.path.join(RESULTS, "finetune_sst2.png"))
   text = "\n\n".join(parts) + "\n"
