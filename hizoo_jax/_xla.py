@@ -48,6 +48,21 @@ def fused_mean(x: jax.Array, axis: int) -> jax.Array:
   return total / n.astype(total.dtype)
 
 
+def fused_counts(a: jax.Array, b: jax.Array):
+  """The numbers of True entries of the bool arrays ``a`` and ``b`` (int32).
+
+  One reduction with two outputs, so that on XLA:CPU neither operand (an
+  expression of the noise) is stored first (see :func:`fused_sum`).
+  """
+  a, b = a.astype(jnp.int32), b.astype(jnp.int32)
+  if not _single_cpu_device():
+    return jnp.sum(a), jnp.sum(b)
+  zero = np.int32(0)
+  return lax.reduce((a, b), (zero, zero),
+                    lambda x, y: (x[0] + y[0], x[1] + y[1]),
+                    tuple(range(a.ndim)))
+
+
 def computed_like(value: jax.Array, leaf: jax.Array,
                   zero: jax.Array) -> jax.Array:
   """``value`` (shaped like ``leaf``), computed where ``leaf``'s shards live.

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from hizoo_jax import _checks
+from hizoo_jax import _xla
 from hizoo_jax import estimator as _estimator
 from hizoo_jax import noise
 
@@ -262,8 +263,9 @@ def warn_on_rounding(inner=None) -> optax.GradientTransformationExtraArgs:
         step = u.astype(jnp.float32) != 0
         same = (x.astype(jnp.float32) + u.astype(jnp.float32)).astype(
             x.dtype) == x
-        moved += jnp.sum(step, dtype=jnp.int32)
-        lost += jnp.sum(step & same, dtype=jnp.int32)
+        moved_x, lost_x = _xla.fused_counts(step, step & same)
+        moved += moved_x
+        lost += lost_x
       jax.debug.callback(_report_rounding, lost, moved)
     return updates, state
 
