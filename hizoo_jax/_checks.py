@@ -152,19 +152,24 @@ def full_mask(mask, params):
         f"{jax.tree_util.tree_structure(tree)}.") from e
 
 
+def _leaf_flags(tree, params, treedef, paths, name) -> list[bool]:
+  """``tree`` (a mask-like tree, prefix or callable) as one bool per leaf."""
+  out = []
+  for path, flag in zip(paths, treedef.flatten_up_to(full_mask(tree, params))):
+    try:
+      out.append(bool(flag))
+    except (TypeError, ValueError, jax.errors.ConcretizationTypeError) as e:
+      raise ValueError(
+          f"{name} entry at {jax.tree_util.keystr(path)} must be a Python "
+          f"bool known at trace time, got {flag!r}.") from e
+  return out
+
+
 def trainable_leaves(mask, params, treedef, paths) -> list[bool]:
   """One bool per leaf of ``params``: False where ``mask`` leaves it out."""
   if mask is None:
     return [True] * len(paths)
-  leaves = treedef.flatten_up_to(full_mask(mask, params))
-  out = []
-  for path, leaf in zip(paths, leaves):
-    try:
-      out.append(bool(leaf))
-    except (TypeError, ValueError, jax.errors.ConcretizationTypeError) as e:
-      raise ValueError(
-          f"mask entry at {jax.tree_util.keystr(path)} must be a Python bool "
-          f"known at trace time, got {leaf!r}.") from e
+  out = _leaf_flags(mask, params, treedef, paths, "mask")
   if out and not any(out):
     raise ValueError(
         "mask freezes every parameter: the estimator would train nothing. "
@@ -177,18 +182,12 @@ def stacked_leaves(stacked, params, treedef, paths) -> list[bool]:
   """One bool per leaf: True where ``stacked`` marks a leading layer axis."""
   if stacked is None:
     return [False] * len(paths)
-  leaves = treedef.flatten_up_to(full_mask(stacked, params))
-  flags = []
-  for path, flag, x in zip(paths, leaves, treedef.flatten_up_to(params)):
-    if not isinstance(flag, (bool, np.bool_)):
-      raise ValueError(
-          f"stacked entry at {jax.tree_util.keystr(path)} must be a Python "
-          f"bool, got {flag!r}.")
+  flags = _leaf_flags(stacked, params, treedef, paths, "stacked")
+  for path, flag, x in zip(paths, flags, treedef.flatten_up_to(params)):
     if flag and jnp.ndim(x) < 1:
       raise ValueError(
           f"parameter {jax.tree_util.keystr(path)} is marked stacked but is "
           "a scalar: a stacked leaf has a leading axis of layers.")
-    flags.append(bool(flag))
   return flags
 
 

@@ -21,10 +21,14 @@ def _single_cpu_device() -> bool:
   return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
+def _two_sums(a: jax.Array, b: jax.Array, axes: tuple[int, ...]):
+  """Sums of ``a`` and ``b`` over ``axes``: one reduction, two outputs."""
+  return lax.reduce((a, b), (np.zeros((), a.dtype), np.zeros((), b.dtype)),
+                    lambda x, y: (x[0] + y[0], x[1] + y[1]), axes)
+
+
 def _sum_and_count(x: jax.Array, axes: tuple[int, ...]):
-  count = jnp.ones_like(x, dtype=jnp.int32)
-  return lax.reduce((x, count), (np.zeros((), x.dtype), np.int32(0)),
-                    lambda a, b: (a[0] + b[0], a[1] + b[1]), axes)
+  return _two_sums(x, jnp.ones_like(x, dtype=jnp.int32), axes)
 
 
 def fused_sum(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
@@ -57,10 +61,7 @@ def fused_counts(a: jax.Array, b: jax.Array):
   a, b = a.astype(jnp.int32), b.astype(jnp.int32)
   if not _single_cpu_device():
     return jnp.sum(a), jnp.sum(b)
-  zero = np.int32(0)
-  return lax.reduce((a, b), (zero, zero),
-                    lambda x, y: (x[0] + y[0], x[1] + y[1]),
-                    tuple(range(a.ndim)))
+  return _two_sums(a, b, tuple(range(a.ndim)))
 
 
 def computed_like(value: jax.Array, leaf: jax.Array,
@@ -75,9 +76,6 @@ def computed_like(value: jax.Array, leaf: jax.Array,
   if jax.device_count() == 1:
     return value
   return value + leaf.astype(value.dtype) * zero.astype(value.dtype)
-
-
-
 
 
 def computed_once(value, zero: jax.Array):
