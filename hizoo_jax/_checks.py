@@ -12,7 +12,7 @@ import numpy as np
 import optax
 
 # Extra args that belong to the estimators' own protocol, never to value_fn.
-PROTOCOL_ARGS = ("value_fn", "zo_losses", "zo_probe")
+PROTOCOL_ARGS = ("value_fn", "zo_losses", "zo_probe", "zo_final")
 
 # Tags of the warnings already given: each is given once per process.
 WARNED: set[str] = set()

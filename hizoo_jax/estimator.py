@@ -221,6 +221,9 @@ def _zo_estimator(
       return _xla.computed_like(z_i, leaves[i], draws.salt(order))
 
     draws = noise.Draws(z=z, zero=zero)
+    # Inside hz.make_train_step's loop this update runs on every phase and
+    # is kept on the last (zo_final): its draws then share the moves' fusion.
+    final = extra_args.get("zo_final")
 
     def shift(tree, coeff, query):
       out = treedef.flatten_up_to(tree)
@@ -267,7 +270,10 @@ def _zo_estimator(
       if not keep:
         out.append(jnp.zeros_like(x))
         continue
-      after = rule.last_array(new_hess[i]) if with_curvature else None
+      after = None  # Salt the draw: after the new H, never merged with the
+      # draws of the moves (XLA would store z), unless they share a fusion.
+      if with_curvature and final is None:
+        after = rule.last_array(new_hess[i])
       direction = sum(grad_used[j] * z(i, j, after)
                       for j in range(num_queries))
       direction = direction / num_queries

@@ -219,9 +219,9 @@ def stochastic_rounding(inner) -> optax.GradientTransformationExtraArgs:
   return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
-def _report_rounding(lost, moved) -> None:
+def _report_rounding(lost, moved, final=True) -> None:
   """Host side of :func:`warn_on_rounding`."""
-  if int(moved) and int(lost) * 2 > int(moved):
+  if bool(final) and int(moved) and int(lost) * 2 > int(moved):
     _checks.warn_once(
         "rounded",
         f"{int(lost)} of {int(moved)} non-zero updates of bfloat16/float16 "
@@ -266,7 +266,8 @@ def warn_on_rounding(inner=None) -> optax.GradientTransformationExtraArgs:
         moved_x, lost_x = _xla.fused_counts(step, step & same)
         moved += moved_x
         lost += lost_x
-      jax.debug.callback(_report_rounding, lost, moved)
+      final = extra_args.get("zo_final", True)
+      jax.debug.callback(_report_rounding, lost, moved, final)
     return updates, state
 
   return optax.GradientTransformationExtraArgs(inner.init, update_fn)

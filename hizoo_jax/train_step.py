@@ -20,9 +20,13 @@ measurements in ``docs/performance.md``):
   state passes through ``lax.optimization_barrier`` with the loop index, so
   XLA does not hoist the parts of ``z`` or ``H^{-1/2}`` that do not change
   between phases out of the loop (it would store them).
-* MeZO's last move (the restore) is left as an expression that XLA fuses into
-  the update: one pass, one draw of z. HiZOO restores inside the loop, since
-  the restore needs the old H and the update the new one.
+* The update is the loop's last move. Every phase computes the optimizer's
+  update of the point it moved to from the losses so far (zo_final tells the
+  optimizer which phase counts) and keeps it on the last phase only, so the
+  moves, the restore and the update are one expression of z per leaf: one
+  copy of the noise generator in the program, not one per use. Optimizers
+  that keep parameter-sized state (Adam's moments, a per-element H) update
+  after the loop instead; XLA would copy that state to feed the loop.
 
 The update itself is the optimizer's own ``update`` fed with the measured
 losses (``zo_losses``), so the result equals the plain ``tx.update`` path up to
@@ -129,31 +133,40 @@ def _moves(num_queries):
   return np.array(coeffs, np.float32), np.array(queries, np.int32)
 
 
-def _evaluate(optimizer, opt_state, params, batch, loss_fn, perturbation,
-              store_noise):
-  """Runs the evaluation phases in place.
+def _update_in_loop(opt_state, params) -> bool:
+  """Whether the update can be the loop's last move (see :func:`_run`).
 
-  HiZOO (L(theta) needed): ``2 q + 1`` phases, each evaluates then moves; the
-  last move restores theta. MeZO: ``2 q`` phases, each moves then evaluates;
-  the restore is left as an expression that XLA fuses into the update (it
-  draws the same z as the update, so one draw serves both). HiZOO cannot fuse
-  it: the restore needs the old H and the update the new one, and keeping
-  both costs a copy of H. MeZO with ``store_noise`` restores in the loop too
-  (its phase 0 only moves out). The loop carry holds the parameters, so
-  every move writes over the donated buffer.
+  Not when the optimizer keeps a state as large as a parameter (Adam's
+  moments, a per-element H): written on the last phase only, such a state is
+  copied by XLA to feed the loop, a copy of the parameters.
+  """
+  shapes = {jnp.shape(x) for x in jax.tree.leaves(params) if jnp.size(x) > 1}
+  return not any(jnp.shape(x) in shapes for x in jax.tree.leaves(opt_state))
+
+
+def _run(optimizer, opt_state, params, batch, loss_fn, perturbation,
+         store_noise):
+  """Evaluates, moves and updates in place.
+
+  ``2 q + 1`` phases, the iterations of one loop: phase k evaluates L
+  (HiZOO: L(theta) at phase 0; MeZO: nothing at phase 0), then makes move k
+  of :func:`_moves`; the last move restores theta. When the optimizer keeps
+  no parameter-sized state, every phase also computes the optimizer's update
+  of the restored point from the losses so far and applies it on the last
+  phase only: the restore, the update and the moves are then one expression
+  of z, and each leaf's noise appears once in the program (the update's
+  results on the other phases are discarded). Otherwise the update follows
+  the loop. The loop carry holds the parameters and the optimizer state, so
+  every write goes over the donated buffers.
 
   Returns:
-    ``(center or None, plus (q,), minus (q,), restored, opt_state)`` where
-    ``restored`` is the parameters back at theta and ``opt_state`` the
-    unchanged state as the loop returns it (read it from there, not from the
-    input, or XLA copies donated buffers to feed the loop).
+    ``(new params, new opt_state)``.
   """
   num_queries = perturbation.num_queries
   center_first = perturbation.evaluates_center
-  # Where the restore goes (see the docstring); with stored noise the fused
-  # restore would keep the stored tree alive across the loop (two copies).
-  in_loop = center_first or bool(store_noise)
   coeff_table, query_table = _moves(num_queries)
+  num_phases = 2 * num_queries + 1
+  in_loop = _update_in_loop(opt_state, params)
 
   def loss_at(theta, where):
     return _checks.check_loss(loss_fn(theta, batch), where)
@@ -171,50 +184,57 @@ def _evaluate(optimizer, opt_state, params, batch, loss_fn, perturbation,
       return _add_stored(theta, deltas, terms)
     shift = _perturbation(optimizer, state, theta).shift
     for coeff, query in terms:
-      theta = shift(theta, coeff, query)
+      # One query: a constant, so that XLA merges the draw with the update's.
+      theta = shift(theta, coeff, query if num_queries > 1 else 0)
     return theta
+
+  def losses_of(losses):
+    return (losses[0] if center_first else None), losses[1::2], losses[2::2]
+
+  def skip(theta):
+    del theta
+    return jnp.zeros([], jnp.float32)
 
   def body(k, carry):
     theta, losses, state = carry
-    # Opaque to XLA: z and H^{-1/2} stay inside the loop, never stored. The
-    # state rides in the carry so that the update reads the loop's output and
-    # XLA needs no copy of a donated H to feed the loop.
+    if center_first and perturbation.center_every > 1:
+      # L(theta) only on the steps that probe the curvature.
+      count = _estimator.find_state(state).count
+      evaluate = (k > 0) | (count % perturbation.center_every == 0)
+      loss = lax.cond(evaluate, lambda t: loss_at(t, "a point of the step"),
+                      skip, theta)
+    elif center_first:
+      loss = loss_at(theta, "a point of the step")
+    else:  # MeZO: phase 0 only moves out.
+      loss = lax.cond(k == 0, skip,
+                      lambda t: loss_at(t, "theta +/- mu*s*z"), theta)
+    # The move waits for the loss, which reads theta before it is moved:
+    # (l != l) & (l == l) is False, but XLA cannot prove it. Opaque to XLA:
+    # z and H^{-1/2} stay inside the loop, never stored.
+    after_loss = ((loss != loss) & (loss == loss)).astype(k.dtype)
+    k, state = lax.optimization_barrier((k + after_loss, state))
+    losses = losses.at[k].set(loss)
+    theta = move(theta, state, k)
     if in_loop:
-      if center_first and perturbation.center_every > 1:
-        # L(theta) only on the steps that probe the curvature.
-        count = _estimator.find_state(state).count
-        evaluate = (k > 0) | (count % perturbation.center_every == 0)
-        loss = lax.cond(evaluate, lambda t: loss_at(t, "a point of the step"),
-                        lambda t: jnp.zeros([], jnp.float32), theta)
-      elif center_first:
-        loss = loss_at(theta, "a point of the step")
-      else:  # MeZO: phase 0 only moves out.
-        loss = lax.cond(k == 0, lambda t: jnp.zeros([], jnp.float32),
-                        lambda t: loss_at(t, "theta +/- mu*s*z"), theta)
-      # The move waits for the loss, which reads theta before it is moved:
-      # (l != l) & (l == l) is False, but XLA cannot prove it.
-      after_loss = ((loss != loss) & (loss == loss)).astype(k.dtype)
-      k_opaque, state = lax.optimization_barrier((k + after_loss, state))
-      losses = losses.at[k].set(loss)
-      theta = move(theta, state, k_opaque)
-    else:
-      k_opaque, state = lax.optimization_barrier((k, state))
-      theta = move(theta, state, k_opaque)
-      losses = losses.at[k].set(loss_at(theta, "theta +/- mu*s*z"))
+      # Stored, not recomputed in every leaf's fusion.
+      last = _xla.computed_once(k == num_phases - 1,
+                                (k >> 31).astype(jnp.uint32))
+      updates, new_state = optimizer.update(
+          None, state, theta, zo_losses=losses_of(losses), zo_final=last)
+      theta = jax.tree.map(lambda n, r: jnp.where(last, n, r),
+                           optax.apply_updates(theta, updates), theta)
+      state = jax.tree.map(
+          lambda n, o: jnp.where(last, n, o).astype(o.dtype), new_state, state)
     return theta, losses, state
 
-  num_phases = 2 * num_queries + int(in_loop)
   losses = jnp.zeros([num_phases], jnp.float32)
-  theta, losses, opt_state = lax.fori_loop(
+  params, losses, opt_state = lax.fori_loop(
       0, num_phases, body, (params, losses, opt_state))
-  center = None
-  if in_loop:
-    center, losses = losses[0], losses[1:]
-    center = center if center_first else None
-    restored = theta
-  else:
-    restored = move(theta, opt_state, 2 * num_queries)
-  return center, losses[0::2], losses[1::2], restored, opt_state
+  if not in_loop:
+    updates, opt_state = optimizer.update(
+        None, opt_state, params, zo_losses=losses_of(losses))
+    params = optax.apply_updates(params, updates)
+  return params, opt_state
 
 
 def make_train_step(
@@ -277,12 +297,9 @@ def make_train_step(
   def step(params, opt_state, batch):
     _checks.check_params(params)
     perturbation = _perturbation(optimizer, opt_state, params)
-    center, plus, minus, restored, opt_state = _evaluate(
+    new_params, new_state = _run(
         optimizer, opt_state, params, batch, loss_fn, perturbation,
         bool(store_noise))
-    updates, new_state = optimizer.update(
-        None, opt_state, restored, zo_losses=(center, plus, minus))
-    new_params = optax.apply_updates(restored, updates)
     zo_state = _estimator.find_state(new_state)
     metrics = {
         "loss": zo_state.loss,

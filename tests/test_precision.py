@@ -56,6 +56,23 @@ def test_plain_bf16_does_not_learn_and_warns_once():
     jax.effects_barrier()
 
 
+def test_lean_step_reports_the_rounding_of_its_update_only(monkeypatch):
+  """make_train_step computes the update on every phase of its loop and keeps
+  the last; only that phase's counts may reach the warning."""
+  reports = []
+  monkeypatch.setattr(precision, "_report_rounding",
+                      lambda *args: reports.append([int(a) for a in args]))
+  tx = hz.mezo(2e-3, mask=MASK)
+  step = hz.make_train_step(tx, lambda p, batch: loss(p), donate=False)
+  params, state = start(), tx.init(start())
+  for _ in range(2):
+    params, state, _ = step(params, state, None)
+  jax.effects_barrier()
+  final = [r[:2] for r in reports if r[2]]
+  assert len(final) == 2 and len(reports) == 2 * 3  # 3 phases a step
+  assert all(lost == moved == 32 for lost, moved in final), reports
+
+
 def test_float32_params_get_no_rounding_check():
   tx = hz.hizoo(2e-3, mask=MASK)
   params = start(jnp.float32)
