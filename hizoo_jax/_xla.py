@@ -17,8 +17,12 @@ import numpy as np
 from jax import lax
 
 
+def _single_device() -> bool:
+  return jax.device_count() == 1
+
+
 def _single_cpu_device() -> bool:
-  return jax.default_backend() == "cpu" and jax.device_count() == 1
+  return jax.default_backend() == "cpu" and _single_device()
 
 
 def _two_sums(a: jax.Array, b: jax.Array, axes: tuple[int, ...]):

@@ -179,20 +179,6 @@ def _total(h: tuple, leaf_shape) -> jax.Array:
                 keepdims=True)) * shared
 
 
-def _log_step(factor, sums, y, n, parts, rate, lam, v, usable):
-  """``factor * exp(step)``: one step of the rule for groups of n coordinates.
-
-  ``sums`` (q, *factor.shape) holds the groups' sums of (z^2 - 1), ``y`` (q,)
-  the residuals; ``n`` and ``parts`` (the leaf's number of factors) are
-  numbers or arrays like ``factor``.
-  """
-  y = jnp.reshape(y, y.shape + (1,) * factor.ndim)
-  rho = jnp.mean(sums * y, axis=0) / (n * lam)
-  gain = rate / parts * jnp.minimum(1.0, n / (2.0 * v))
-  step = jnp.where(usable, jnp.clip(gain * rho, -CLIP, CLIP), 0.0)
-  return factor * jnp.exp(step)
-
-
 def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
            rate: jax.Array, probe: jax.Array):
   """The new factors and statistics after one step (see the module docstring).
@@ -227,20 +213,8 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
   for i in live:
     for k in range(1, len(hess[i])):
       sums.setdefault((i, k), sums[i, 0])
-  # Factors of one number (one per tensor) are computed together, as one
-  # vector: their arithmetic then appears once in the program, not per leaf.
-  factors = [(i, k) for i in live for k in range(len(hess[i]))]
-  small = [(i, k) for i, k in factors if hess[i][k].size == 1]
-  large = [(i, k) for i, k in factors if hess[i][k].size > 1]
-  small_sums = None
-  if small:
-    small_sums = jnp.stack(
-        [sums[key].reshape(num_queries) for key in small], axis=1)  # (q, m)
-  first = np.array([k == 0 for _, k in small])
-  norm_sq = dim + sum(jnp.sum(sums[i, 0].reshape(num_queries, -1), axis=1)
-                      for i, k in large if k == 0)
-  if small:
-    norm_sq += jnp.sum(jnp.where(first, small_sums, 0.0), axis=1)
+  norm_sq = dim + sum(
+      jnp.sum(sums[i, 0].reshape(num_queries, -1), axis=1) for i in live)
 
   b, v, t = stats
   lam = 2.0 * b / dim
@@ -250,41 +224,25 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
   safe_v = jnp.where(v > 0, v, 1.0)
   y, safe_lam, safe_v, usable = _xla.computed_once(
       (y, safe_lam, safe_v, usable), draw.zero)
-  step = lambda f, s, n, parts: _log_step(  # noqa: E731
-      f, s, y, n, parts, rate, safe_lam, safe_v, usable)
 
-  moved = {(i, k): step(hess[i][k].astype(jnp.float32), sums[i, k],
-                        np.prod(shapes[i]) / hess[i][k].size, len(hess[i]))
-           for i, k in large}
-  total = sum(_total(tuple(moved[i, k] for k in range(len(hess[i]))),
-                     shapes[i]) for i in live if (i, 0) in moved)
-  if small:
-    sizes = np.array([np.prod(shapes[i]) for i, _ in small], np.float32)
-    parts = np.array([len(hess[i]) for i, _ in small], np.float32)
-    vec = step(jnp.stack([hess[i][k].reshape(()).astype(jnp.float32)
-                          for i, k in small]), small_sums, sizes, parts)
-    # sum_i H_i: a one-factor leaf's value, or the product of its two.
-    index = {key: c for c, key in enumerate(small)}
-    other = np.array([index.get((i, 1), c) if k == 0 else c
-                      for c, (i, k) in enumerate(small)])
-    pair = np.array([len(hess[i]) == 2 for i, _ in small])
-    total += jnp.sum(jnp.where(
-        first, sizes * vec * jnp.where(pair, vec[other], 1.0), 0.0))
-  mean_h = _xla.computed_once(jnp.where(usable, total / dim, 1.0), draw.zero)
-  # Mean 1, and no factor below FLOOR (see FLOOR).
-  if small:
-    vec = _xla.computed_once(jnp.maximum(
-        jnp.where(first, vec / mean_h, vec), FLOOR ** (1 / parts)), draw.zero)
-    for c, (i, k) in enumerate(small):
-      moved[i, k] = vec[c]
-  for i, k in large:
-    f = moved[i, k]
-    moved[i, k] = jnp.maximum(f / mean_h if k == 0 else f,
-                              FLOOR ** (1 / len(hess[i])))
   new = list(hess)
   for i in live:
-    new[i] = tuple(moved[i, k].reshape(f.shape).astype(f.dtype)
-                   for k, f in enumerate(hess[i]))
+    factors = hess[i]
+    moved = []
+    for k, f in enumerate(factors):
+      n = np.prod(shapes[i]) / f.size  # coordinates per group
+      y_b = jnp.reshape(y, (num_queries,) + (1,) * f.ndim)
+      rho = jnp.mean(sums[i, k] * y_b, axis=0) / (n * safe_lam)
+      gain = rate / len(factors) * jnp.minimum(1.0, n / (2.0 * safe_v))
+      step = jnp.where(usable, jnp.clip(gain * rho, -CLIP, CLIP), 0.0)
+      moved.append((f * jnp.exp(step)).astype(f.dtype))
+    new[i] = tuple(moved)
+  mean_h = sum(_total(new[i], shapes[i]) for i in live) / dim
+  mean_h = _xla.computed_once(jnp.where(usable, mean_h, 1.0), draw.zero)
+  for i in live:  # mean 1, and no factor below FLOOR (see FLOOR).
+    new[i] = tuple(jnp.maximum(f / mean_h if k == 0 else f,
+                               FLOOR ** (1 / len(new[i]))).astype(f.dtype)
+                   for k, f in enumerate(new[i]))
 
   # Running means: plain averages for the first 1 / STATS_RATE samples.
   q_mean = jnp.mean(second)

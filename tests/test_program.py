@@ -152,10 +152,13 @@ def test_program_grows_per_leaf_at_a_bounded_rate():
   8 and 64 same-shaped leaves. The forward pass of this MLP adds 8
   instructions per leaf. A step adds a fused copy of the generator (~50) per
   leaf and draw: MeZO draws once (moves, restore and update are one
-  expression in the loop), HiZOO twice (its curvature also sums z^2). Here
-  (8 simulated devices) that is 92 and 268 per leaf, 11.5x and 34x the
-  forward's growth; before the update moved into the loop it was 152 and
-  about 360. Stacked layers do not pay this (test above).
+  expression in the loop), HiZOO twice (its curvature also sums z^2). In a
+  one-device process that is 92 and 264 per leaf, 11.5x and 33x the
+  forward's growth (before the update moved into the loop: 152 and 319). In
+  this suite's 8-device process HiZOO's is 304 (308 before): with several
+  devices the curvature's sums also read the moved leaf (to be sharded like
+  it, _xla.computed_like), and XLA then moves and updates in two fusions.
+  Stacked layers do not pay this (test above).
   """
   def mlp(n, width=16):
     params = {f"l{i:02d}": jnp.eye(width) for i in range(n)}
@@ -181,7 +184,7 @@ def test_program_grows_per_leaf_at_a_bounded_rate():
     growth[name] = (counts[1] - counts[0]) / 56
   assert 0 < growth["forward"] < 20, growth
   assert growth["mezo"] < 14 * growth["forward"], growth
-  assert growth["hizoo"] < 38 * growth["forward"], growth
+  assert growth["hizoo"] < 40 * growth["forward"], growth
 
 
 def test_curvature_keeps_mean_one_over_all_coordinates():
