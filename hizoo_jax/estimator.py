@@ -56,12 +56,15 @@ class Perturbation(NamedTuple):
   ``evaluates_center`` and ``count % center_every == 0`` (``count``: the
   estimator state's step count); those values can be handed back to
   ``update`` as ``zo_losses`` (a center that was not evaluated: any value).
+  ``light_update`` says whether the update is cheap to compute again: no
+  noise pass beyond the direction's, except one for per-tensor sums.
   """
 
   shift: Callable[[Any, Any, Any], Any]
   num_queries: int
   evaluates_center: bool
   center_every: int = 1
+  light_update: bool = True
 
 
 class PerturbationProbe:
@@ -238,8 +241,10 @@ def _zo_estimator(
 
     zo_probe = extra_args.get("zo_probe")
     if zo_probe is not None:
+      # Sums over rows or columns are noise passes of their own.
+      light = not with_curvature or granularity == "tensor"
       zo_probe.perturbation = Perturbation(
-          shift, num_queries, with_curvature, every)
+          shift, num_queries, with_curvature, every, light)
       return jax.tree.map(jnp.zeros_like, params), state
 
     center, plus, minus = evaluation.losses(

@@ -26,7 +26,8 @@ measurements in ``docs/performance.md``):
   moves, the restore and the update are one expression of z per leaf: one
   copy of the noise generator in the program, not one per use. Optimizers
   that keep parameter-sized state (Adam's moments, a per-element H) update
-  after the loop instead; XLA would copy that state to feed the loop.
+  after the loop instead, since XLA would copy that state to feed the loop;
+  so does HiZOO-L, whose row and column sums would be repeated.
 
 The update itself is the optimizer's own ``update`` fed with the measured
 losses (``zo_losses``), so the result equals the plain ``tx.update`` path up to
@@ -133,15 +134,19 @@ def _moves(num_queries):
   return np.array(coeffs, np.float32), np.array(queries, np.int32)
 
 
-def _update_in_loop(opt_state, params) -> bool:
+def _update_in_loop(perturbation, opt_state, params) -> bool:
   """Whether the update can be the loop's last move (see :func:`_run`).
 
   Not when the optimizer keeps a state as large as a parameter (Adam's
   moments, a per-element H): written on the last phase only, such a state is
-  copied by XLA to feed the loop, a copy of the parameters.
+  copied by XLA to feed the loop, a copy of the parameters. Not when the
+  estimator's update is heavy (HiZOO-L's row and column sums: repeated on
+  every phase they cost more noise passes and compile time than the update's
+  own draw saves).
   """
   shapes = {jnp.shape(x) for x in jax.tree.leaves(params) if jnp.size(x) > 1}
-  return not any(jnp.shape(x) in shapes for x in jax.tree.leaves(opt_state))
+  return perturbation.light_update and not any(
+      jnp.shape(x) in shapes for x in jax.tree.leaves(opt_state))
 
 
 def _run(optimizer, opt_state, params, batch, loss_fn, perturbation,
@@ -166,7 +171,7 @@ def _run(optimizer, opt_state, params, batch, loss_fn, perturbation,
   center_first = perturbation.evaluates_center
   coeff_table, query_table = _moves(num_queries)
   num_phases = 2 * num_queries + 1
-  in_loop = _update_in_loop(opt_state, params)
+  update_in_loop = _update_in_loop(perturbation, opt_state, params)
 
   def loss_at(theta, where):
     return _checks.check_loss(loss_fn(theta, batch), where)
@@ -215,7 +220,7 @@ def _run(optimizer, opt_state, params, batch, loss_fn, perturbation,
     k, state = lax.optimization_barrier((k + after_loss, state))
     losses = losses.at[k].set(loss)
     theta = move(theta, state, k)
-    if in_loop:
+    if update_in_loop:
       # Stored, not recomputed in every leaf's fusion.
       last = _xla.computed_once(k == num_phases - 1,
                                 (k >> 31).astype(jnp.uint32))
@@ -230,7 +235,7 @@ def _run(optimizer, opt_state, params, batch, loss_fn, perturbation,
   losses = jnp.zeros([num_phases], jnp.float32)
   params, losses, opt_state = lax.fori_loop(
       0, num_phases, body, (params, losses, opt_state))
-  if not in_loop:
+  if not update_in_loop:
     updates, opt_state = optimizer.update(
         None, opt_state, params, zo_losses=losses_of(losses))
     params = optax.apply_updates(params, updates)
