@@ -65,6 +65,25 @@ _NEEDS_ESTIMATOR = (
     "optimizers use jax.grad.")
 
 
+# Wrappers that branch on the updates: the estimator inside them cannot hand
+# its evaluation points (traced in a branch) to the step.
+_BRANCHING = (optax.ApplyIfFiniteState, optax.MultiStepsState)
+
+
+def _inside_branching_wrapper(node) -> bool:
+  """Whether the estimator state sits inside a state of _BRANCHING."""
+  def holds_estimator(tree):
+    return any(isinstance(x, _estimator.ZOState) for x in jax.tree.leaves(
+        tree, is_leaf=lambda x: isinstance(x, _estimator.ZOState)))
+  if isinstance(node, _BRANCHING):
+    return holds_estimator(node)
+  if isinstance(node, (tuple, list)):
+    return any(_inside_branching_wrapper(x) for x in node)
+  if isinstance(node, dict):
+    return any(_inside_branching_wrapper(x) for x in node.values())
+  return False
+
+
 def _perturbation(optimizer, opt_state, params) -> _estimator.Perturbation:
   """The Perturbation of the step (the probe's other outputs are dead code)."""
   try:  # Before update: a first-order optimizer would fail on updates=None.
@@ -72,6 +91,14 @@ def _perturbation(optimizer, opt_state, params) -> _estimator.Perturbation:
   except ValueError:
     raise ValueError(_NEEDS_ESTIMATOR.format(
         why="its state holds no hz.ZOState")) from None
+  if _inside_branching_wrapper(opt_state):
+    raise ValueError(
+        "make_train_step moves the parameters itself and cannot run the "
+        "zeroth-order estimator inside an optax wrapper that branches on its "
+        "updates (optax.apply_if_finite, optax.MultiSteps). Put the wrapper "
+        "downstream, e.g. optax.chain(hz.scale_by_hizoo(...), "
+        "optax.apply_if_finite(optax.sgd(lr), 3)), or step with the plain "
+        "tx.update (docs/api.md, optax wrappers).")
   probe = _estimator.PerturbationProbe()
   optimizer.update(None, opt_state, params, zo_probe=probe)
   if probe.perturbation is None:

@@ -251,6 +251,16 @@ def test_make_train_step_with_a_first_order_optimizer_says_what_to_do():
     step(params_tree(), tx.init(params_tree()), None)
 
 
+@pytest.mark.parametrize("wrap", [
+    lambda tx: optax.apply_if_finite(tx, 3),
+    lambda tx: optax.MultiSteps(tx, 2)])
+def test_make_train_step_with_an_outer_wrapper_says_what_to_do(wrap):
+  tx = wrap(hz.mezo(1e-3))
+  step = hz.make_train_step(tx, lambda p, batch: loss(p), donate=False)
+  with pytest.raises(ValueError, match="Put the wrapper downstream"):
+    step(params_tree(), tx.init(params_tree()), None)
+
+
 def nested():
   return {"enc": {"w": jnp.ones((2, 2)), "n": jnp.array(5, jnp.int32)},
           "head": {"w": jnp.full((2, 3), 0.5, jnp.float32), "b": jnp.ones(3)}}
