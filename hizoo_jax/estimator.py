@@ -275,8 +275,9 @@ def _zo_estimator(
       if not keep:
         out.append(jnp.zeros_like(x))
         continue
-      after = None  # Salt the draw: after the new H, never merged with the
-      # draws of the moves (XLA would store z), unless they share a fusion.
+      # Salted after the new H, the draw is never merged with the moves'
+      # draws (XLA would store z), unless they share a fusion (zo_final).
+      after = None
       if with_curvature and final is None:
         after = rule.last_array(new_hess[i])
       direction = sum(grad_used[j] * z(i, j, after)
