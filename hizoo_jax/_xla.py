@@ -17,12 +17,12 @@ import numpy as np
 from jax import lax
 
 
-def _single_device() -> bool:
+def single_device() -> bool:
   return jax.device_count() == 1
 
 
 def _single_cpu_device() -> bool:
-  return jax.default_backend() == "cpu" and _single_device()
+  return jax.default_backend() == "cpu" and single_device()
 
 
 def _two_sums(a: jax.Array, b: jax.Array, axes: tuple[int, ...]):
@@ -77,7 +77,7 @@ def computed_like(value: jax.Array, leaf: jax.Array,
   zero`` (``zero``: a 0 that XLA cannot prove, so it neither folds the
   product nor computes it ahead) shards it like the leaf.
   """
-  if jax.device_count() == 1:
+  if single_device():
     return value
   return value + leaf.astype(value.dtype) * zero.astype(value.dtype)
 

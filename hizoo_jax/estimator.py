@@ -223,10 +223,13 @@ def _zo_estimator(
         return z_i
       return _xla.computed_like(z_i, leaves[i], draws.salt(order))
 
-    draws = noise.Draws(z=z, zero=zero)
     # Inside hz.make_train_step's loop this update runs on every phase and
     # is kept on the last (zo_final): its draws then share the moves' fusion.
     final = extra_args.get("zo_final")
+    # The curvature's sums of z are needed only where H moves and the result
+    # is kept.
+    draws = noise.Draws(z=z, zero=zero, seeds=seeds,
+                        active=probe if final is None else probe & final)
 
     def shift(tree, coeff, query):
       out = treedef.flatten_up_to(tree)

@@ -33,7 +33,7 @@ A leaf may hold at most 2**32 elements (the index is 32 bits).
 from __future__ import annotations
 
 import zlib
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -143,7 +143,16 @@ def random_bits(seed: jax.Array, shape, sharding=None) -> jax.Array:
     raise ValueError(
         f"a leaf of shape {tuple(shape)} has more than 2**32 elements; the "
         "noise generator indexes elements with 32 bits. Split the leaf.")
-  return mix32(mix32(_flat_index(shape, sharding) ^ seed[0]) + seed[1])
+  return bits_at(seed[0], seed[1], _flat_index(shape, sharding))
+
+
+def bits_at(seed_0, seed_1, index: jax.Array) -> jax.Array:
+  """32 hash bits of the elements at flat ``index`` (uint32) of one leaf.
+
+  The seed words broadcast against ``index``: one leaf's seed, or a seed per
+  element when elements of several leaves are drawn together.
+  """
+  return mix32(mix32(index ^ seed_0) + seed_1)
 
 
 def uniform(bits: jax.Array) -> jax.Array:
@@ -166,11 +175,15 @@ def gaussian(seed: jax.Array, shape, dtype=jnp.float32,
     An array of ``shape`` whose entries are i.i.d. (to hash quality), mean 0,
     variance 1, nearly normal (E[z^4] = :data:`FOURTH_MOMENT`).
   """
-  bits = random_bits(seed, shape, sharding)
+  return standard(random_bits(seed, shape, sharding)).astype(dtype)
+
+
+def standard(bits: jax.Array) -> jax.Array:
+  """z (float32) from its 32 hash bits (see the module docstring)."""
   coins = lax.population_count(bits >> 8).astype(jnp.float32)
   dither = (bits & np.uint32(0xFF)).astype(jnp.float32) * np.float32(1 / 256)
   centred = coins + dither + np.float32(1 / 512 - 1 / 2 - _COINS / 2)
-  return (centred * np.float32(1 / np.sqrt(_VARIANCE))).astype(dtype)
+  return centred * np.float32(1 / np.sqrt(_VARIANCE))
 
 
 def zero_after(x: jax.Array) -> jax.Array:
@@ -202,6 +215,10 @@ class Draws(NamedTuple):
 
   z: Callable[..., jax.Array]
   zero: jax.Array  # (), uint32: 0, computed from the step count.
+  seeds: jax.Array  # (q, leaves, 2) uint32: the seeds z(i, j) is drawn from.
+  # (), bool, or None: False where the sums of z are not needed (H does not
+  # move, or the result is discarded).
+  active: Optional[jax.Array] = None
 
   def ordered_sums(self, requests, fn) -> list:
     """``sum(fn(z))`` over ``axes`` (kept) for each ``(leaf, query, axes)``.

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import hizoo_jax as hz
+from hizoo_jax import _xla
 from hizoo_jax import curvature
 import numpy_reference as ref
 
@@ -121,11 +122,15 @@ def per_leaf(hessian):
           for n in hessian[0]}
 
 
-@pytest.mark.parametrize("granularity, every", [
-    ("tensor", 1), ("row", 1), ("factored", 1), ("element", 1),
-    ("tensor", 2)])
-def test_signed_matches_numpy_over_steps(granularity, every):
+@pytest.mark.parametrize("granularity, every, one_device", [
+    ("tensor", 1, False), ("row", 1, False), ("factored", 1, False),
+    ("element", 1, False), ("tensor", 2, False), ("tensor", 1, True),
+    ("tensor", 2, True), ("row", 1, True), ("factored", 1, True)])
+def test_signed_matches_numpy_over_steps(granularity, every, one_device,
+                                         monkeypatch):
   """The default rule against its NumPy float64 statement, fed step_noise."""
+  if one_device:  # the sums of z^2 in one loop (hizoo_jax.range_sums)
+    monkeypatch.setattr(_xla, "single_device", lambda: True)
   q = 2 if granularity == "factored" else 1
   tx = hz.scale_by_hizoo(MU, 0.3, curvature=granularity, num_queries=q,
                          min_dim_size_to_factor=3, curvature_every=every,

@@ -167,7 +167,7 @@ def test_rounding_check_stores_less_than_a_float32_copy(monkeypatch):
   the bf16 parameters in temporaries (4.25x before: float32 copies of the
   updates); what remains was not traced (docs/performance.md)."""
   from hizoo_jax import _xla
-  monkeypatch.setattr(_xla, "_single_cpu_device", lambda: True)
+  monkeypatch.setattr(_xla, "single_device", lambda: True)
   params = {f"l{i}": (jnp.eye(256) * 0.5).astype(jnp.bfloat16)
             for i in range(4)}
   size = 4 * 256 * 256 * 2

@@ -1,0 +1,141 @@
+"""Sums of f(z) over index ranges of many leaves, drawn in one small loop.
+
+HiZOO's default rule needs, on every probe, ``sum_{i in G} (z_i^2 - 1)`` for
+every group G of coordinates that shares one curvature value: a tensor, or
+one layer of a stacked tensor. Each such group is a contiguous range of its
+leaf's flat (row-major) index. Drawn leaf by leaf, every sum is a fusion with
+its own copy of the noise generator, so the program grows by one generator
+per leaf. Here the ranges are laid end to end as the rows of one virtual
+matrix of ``WIDTH`` columns (each range padded to whole rows) and one while
+loop draws a block of rows per iteration. Each row knows its range's leaf
+seed and the leaf index of its first element, so every z equals the leaf's
+own draw bit for bit, and the program holds one copy of the generator
+whatever the number of leaves.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from hizoo_jax import _xla
+from hizoo_jax import noise
+
+WIDTH = 256  # elements per row; a group wastes less than one row.
+BLOCK_ROWS = 1024  # rows per iteration: 2**18 draws.
+
+
+def contiguous_groups(shape, axes) -> Optional[tuple[int, int]]:
+  """``(groups, length)`` if summing over ``axes`` sums contiguous ranges.
+
+  True when every summed axis (of size > 1) comes after every kept one, as
+  for a whole tensor, the layers of a stacked one or the rows of a matrix:
+  the flat index then falls into ``groups`` consecutive ranges of
+  ``length``. None otherwise (columns).
+  """
+  summed = [a for a, n in enumerate(shape) if a in axes and n > 1]
+  kept = [a for a, n in enumerate(shape) if a not in axes and n > 1]
+  if summed and kept and max(kept) > min(summed):
+    return None
+  length = int(np.prod([shape[a] for a in summed], dtype=np.int64))
+  return int(np.prod(shape, dtype=np.int64)) // max(length, 1), length
+
+
+def range_sums(seeds: jax.Array, requests: Sequence[tuple[int, int, int]],
+               fn: Callable[[jax.Array], jax.Array],
+               active: Optional[jax.Array] = None) -> jax.Array:
+  """``sum(fn(z))`` over consecutive ranges of leaves, for every query.
+
+  Args:
+    seeds: (q, leaves, 2) uint32, every leaf's seed for every query
+      (:func:`hizoo_jax.noise.leaf_seed`).
+    requests: static ``(leaf, groups, length)`` triples: the leaf's first
+      ``groups * length`` flat indices cut into ``groups`` ranges of
+      ``length >= 1``.
+    fn: an elementwise function of z (float32).
+    active: a bool scalar, or None; when False the loop runs no iteration and
+      the sums are 0 (for a result that will be discarded).
+
+  Returns:
+    (q, total groups) float32: the requests' groups in order.
+  """
+  leaf, groups, length = (np.asarray(c, np.int64) for c in zip(*requests))
+  per_group = -(-length // WIDTH)  # rows per range
+  rows = groups * per_group
+  total_rows, total_groups = int(rows.sum()), int(groups.sum())
+  block = min(BLOCK_ROWS, total_rows)
+  num_blocks = -(-total_rows // block)
+  if active is not None:
+    num_blocks = jnp.where(active, num_blocks, 0)
+  first_row = jnp.asarray(np.cumsum(rows) - rows, jnp.int32)
+  first_out = jnp.asarray(np.cumsum(groups) - groups, jnp.int32)
+  groups, per_group = jnp.asarray(groups, jnp.int32), jnp.asarray(
+      per_group, jnp.int32)
+  leaf = jnp.asarray(leaf, jnp.int32)
+  last = jnp.asarray(length - 1, jnp.uint32)  # 2**32 fits as last.
+  length = jnp.asarray(length, jnp.uint32)
+
+  def body(b, acc):
+    row = b * block + lax.iota(jnp.int32, block)
+    r = jnp.searchsorted(first_row, row, side="right", method="scan") - 1
+    local_row = row - first_row[r]
+    group = local_row // per_group[r]
+    within = ((local_row - group * per_group[r]).astype(jnp.uint32)[:, None]
+              * jnp.uint32(WIDTH)
+              + lax.broadcasted_iota(jnp.uint32, (block, WIDTH), 1))
+    # Past the last row, r is the last request and group beyond its groups.
+    valid = (within <= last[r][:, None]) & (group < groups[r])[:, None]
+    seed = seeds[:, leaf[r]]  # (q, block, 2)
+    index = group.astype(jnp.uint32)[:, None] * length[r][:, None] + within
+    z = noise.standard(noise.bits_at(seed[..., 0, None], seed[..., 1, None],
+                                     index[None]))
+    values = jnp.where(valid[None], fn(z), 0.0)
+    per_row = _xla.fused_sum(values, (2,))[..., 0]  # (q, block)
+    out = jnp.minimum(first_out[r] + group, total_groups - 1)
+    return acc.at[:, out].add(per_row)
+
+  acc = jnp.zeros((seeds.shape[0], total_groups), jnp.float32)
+  return lax.fori_loop(0, num_blocks, body, acc)
+
+
+def group_sums(draws: noise.Draws, groups: Sequence[tuple[int, tuple]],
+               shapes, fn: Callable[[jax.Array], jax.Array]) -> list:
+  """``sum(fn(z))`` over ``axes`` (kept, size 1) of leaf i, for every query.
+
+  Args:
+    draws: the step's :class:`hizoo_jax.noise.Draws`.
+    groups: ``(leaf, axes)`` pairs.
+    shapes: the leaves' shapes.
+    fn: an elementwise function of z.
+
+  Returns:
+    Per pair, a (q, *kept shape) float32 array.
+
+  On one device, the pairs that sum contiguous ranges (whole tensors,
+  stacked layers, rows) share one loop. The others (columns), and all pairs
+  on a mesh, where each leaf's draw is sharded like the leaf (the loop would
+  draw every leaf on every device), are summed leaf by leaf with
+  :meth:`hizoo_jax.noise.Draws.ordered_sums`.
+  """
+  num_queries = draws.seeds.shape[0]
+  layout = [contiguous_groups(shapes[i], axes) if _xla.single_device()
+            else None for i, axes in groups]
+  looped = [(i, *g) for (i, _), g in zip(groups, layout) if g is not None]
+  sums = range_sums(draws.seeds, looped, fn, draws.active) if looped else None
+  apart = draws.ordered_sums(
+      [(i, j, axes) for (i, axes), g in zip(groups, layout) if g is None
+       for j in range(num_queries)], fn)
+  out, at = [], 0
+  for (i, axes), g in zip(groups, layout):
+    if g is None:
+      out.append(jnp.stack(apart[:num_queries]))
+      apart = apart[num_queries:]
+      continue
+    kept = tuple(1 if a in axes else n for a, n in enumerate(shapes[i]))
+    out.append(sums[:, at:at + g[0]].reshape((num_queries,) + kept))
+    at += g[0]
+  return out
