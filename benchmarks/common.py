@@ -35,10 +35,11 @@ ZO = {
 # Forward passes and noise passes (one draw of z fused into a parameter-sized
 # elementwise pass) that each step needs, for the speed budget.
 #   mezo:    +z, -2z, +z + update: the loop's three moves.
-#   hizoo:   the same three moves, and the sums of z^2 on each phase (the
-#            update runs on every phase of the loop and is kept on the last).
+#   hizoo:   the same three moves, and the sums of z^2 (one loop over all
+#            leaves, run on the last phase only; on a mesh: leaf by leaf, on
+#            every phase, 3 + 6).
 #   hizoo_l: +z, -2z, +z in the loop; row sums, column sums; the update.
-PASSES = {"mezo": (2, 3), "hizoo": (3, 6), "hizoo_l": (3, 6)}
+PASSES = {"mezo": (2, 3), "hizoo": (3, 4), "hizoo_l": (3, 6)}
 
 
 def build(size: str):
