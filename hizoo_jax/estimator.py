@@ -57,7 +57,8 @@ class Perturbation(NamedTuple):
   estimator state's step count); those values can be handed back to
   ``update`` as ``zo_losses`` (a center that was not evaluated: any value).
   ``light_update`` says whether the update is cheap to compute again: no
-  noise pass beyond the direction's, except one for per-tensor sums.
+  noise pass beyond the direction's, except one for the curvature's sums
+  (per tensor, or all groups in one loop on one device).
   """
 
   shift: Callable[[Any, Any, Any], Any]
@@ -231,21 +232,25 @@ def _zo_estimator(
     draws = noise.Draws(z=z, zero=zero, seeds=seeds,
                         active=probe if final is None else probe & final)
 
+    scale = rule.inv_sqrt(hess) if with_curvature else None
+
     def shift(tree, coeff, query):
       out = treedef.flatten_up_to(tree)
       for i, keep in enumerate(trainable):
         if keep:
           step = (coeff * mu_t) * z(i, query)
           if with_curvature:
-            step = step * rule.inv_sqrt(hess[i])
+            step = step * scale[i]
           dtype = jnp.promote_types(out[i].dtype, jnp.float32)
           out[i] = (out[i].astype(dtype) + step).astype(out[i].dtype)
       return treedef.unflatten(out)
 
     zo_probe = extra_args.get("zo_probe")
     if zo_probe is not None:
-      # Sums over rows or columns are noise passes of their own.
-      light = not with_curvature or granularity == "tensor"
+      # Sums over rows or columns are noise passes of their own, except in
+      # the signed rule's loop of sums (one device; hizoo_jax.range_sums).
+      light = (not with_curvature or granularity == "tensor"
+               or (estimator == "signed" and _xla.single_device()))
       zo_probe.perturbation = Perturbation(
           shift, num_queries, with_curvature, every, light)
       return jax.tree.map(jnp.zeros_like, params), state
@@ -273,6 +278,7 @@ def _zo_estimator(
           hess, state.curvature_stats, second, draws,
           [jnp.shape(x) for x in leaves], rate, measured)
 
+    new_scale = rule.inv_sqrt(new_hess) if with_curvature else None
     out = []
     for i, (x, keep) in enumerate(zip(leaves, trainable)):
       if not keep:
@@ -287,7 +293,7 @@ def _zo_estimator(
                       for j in range(num_queries))
       direction = direction / num_queries
       if with_curvature:
-        direction = direction * rule.inv_sqrt(new_hess[i])
+        direction = direction * new_scale[i]
       out.append(direction.astype(x.dtype))
 
     plus_mean, minus_mean = jnp.mean(plus), jnp.mean(minus)

@@ -153,6 +153,26 @@ def inv_sqrt(h: tuple) -> jax.Array:
   return out
 
 
+def inv_sqrt_all(hess: list) -> list:
+  """:func:`inv_sqrt` of every leaf's factors (None where a leaf is frozen).
+
+  The one-factor leaves' in one vector operation: leaf by leaf, each
+  ``rsqrt`` of a few numbers was a kernel of its own (XLA does not recompute
+  an expensive operation in each element of its consumer).
+  """
+  out = [None if h is None else inv_sqrt(h) for h in hess]
+  single = [i for i, h in enumerate(hess) if h is not None and len(h) == 1]
+  if single:
+    roots = lax.rsqrt(jnp.concatenate([hess[i][0].reshape(-1)
+                                       for i in single]))
+    start = 0
+    for i in single:
+      f = hess[i][0]
+      out[i] = roots[start:start + f.size].reshape(f.shape)
+      start += f.size
+  return out
+
+
 def shapes_fit(h: tuple, shape) -> bool:
   """Whether the factors broadcast to a leaf of ``shape``."""
   return all(jnp.ndim(f) == len(shape) and all(

@@ -28,7 +28,8 @@ class Rule(NamedTuple):
   init: Callable  # (shape, granularity, factored axes, dtype, sharding,
   # stacked)
   init_stats: Callable[[], Any]
-  inv_sqrt: Callable[[Any], jax.Array]  # H^{-1/2}, broadcastable to the leaf.
+  # Per leaf, H^{-1/2} broadcastable to the leaf (None where frozen).
+  inv_sqrt: Callable[[list], list]
   update: Callable  # (hess, stats, second, draws, shapes, rate, probe)
   last_array: Callable[[Any], jax.Array]  # what the update's z waits for.
   shapes_fit: Callable[[Any, tuple], bool]
@@ -62,7 +63,8 @@ def _paper_rule(reference):
       default_rate=1e-6,
       init=_paper_init,
       init_stats=lambda: None,
-      inv_sqrt=lambda h: fusible.rsqrt(curvature.expand(h)),
+      inv_sqrt=lambda hess: [None if h is None else fusible.rsqrt(
+          curvature.expand(h)) for h in hess],
       update=functools.partial(curvature.paper_update, reference),
       last_array=curvature.updated_array,
       shapes_fit=_paper_shapes_fit,
@@ -76,7 +78,7 @@ RULES = {
         default_rate=grouped_curvature.DEFAULT_RATE,
         init=grouped_curvature.init,
         init_stats=grouped_curvature.init_stats,
-        inv_sqrt=grouped_curvature.inv_sqrt,
+        inv_sqrt=grouped_curvature.inv_sqrt_all,
         update=grouped_curvature.update,
         last_array=lambda h: h[0],
         shapes_fit=grouped_curvature.shapes_fit,

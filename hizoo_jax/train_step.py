@@ -27,7 +27,8 @@ measurements in ``docs/performance.md``):
   copy of the noise generator in the program, not one per use. Optimizers
   that keep parameter-sized state (Adam's moments, a per-element H) update
   after the loop instead, since XLA would copy that state to feed the loop;
-  so does HiZOO-L, whose row and column sums would be repeated.
+  so do HiZOO-L and the row or column curvatures on a mesh, whose sums
+  would be repeated on every phase.
 
 The update itself is the optimizer's own ``update`` fed with the measured
 losses (``zo_losses``), so the result equals the plain ``tx.update`` path up to
@@ -167,9 +168,9 @@ def _update_in_loop(perturbation, opt_state, params) -> bool:
   Not when the optimizer keeps a state as large as a parameter (Adam's
   moments, a per-element H): written on the last phase only, such a state is
   copied by XLA to feed the loop, a copy of the parameters. Not when the
-  estimator's update is heavy (HiZOO-L's row and column sums: repeated on
-  every phase they cost more noise passes and compile time than the update's
-  own draw saves).
+  estimator's update is heavy (HiZOO-L's row and column sums leaf by leaf,
+  on a mesh: repeated on every phase they cost more noise passes and
+  compile time than the update's own draw saves).
   """
   shapes = {jnp.shape(x) for x in jax.tree.leaves(params) if jnp.size(x) > 1}
   return perturbation.light_update and not any(

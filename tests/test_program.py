@@ -156,8 +156,8 @@ def test_program_grows_per_leaf_at_a_bounded_rate(one_device, monkeypatch):
   leaf (~80 with the move and the update: moves, restore and update are one
   expression in the loop): MeZO 92 per leaf, 11.5x the forward's growth.
   HiZOO's sums of z^2 are one loop for all leaves and its rule one vector
-  (hizoo_jax.range_sums; 123 per leaf, 15x). On a mesh HiZOO sums leaf by
-  leaf, each sum sharded like its leaf (about 250 per leaf, 31x). Stacked
+  (hizoo_jax.range_sums; 117 per leaf, 14.6x). On a mesh HiZOO sums leaf
+  by leaf, each sum sharded like its leaf (262 per leaf, 33x). Stacked
   layers do not pay per leaf at all (test above).
   """
   if one_device:

@@ -28,36 +28,41 @@ def small_rows(monkeypatch):
 
 def test_sums_equal_the_leaves_own_draws():
   s = seeds()
-  # (leaf, groups, length): whole tensors, stacked layers, rows of a matrix.
-  requests = [(0, 1, 35), (1, 1, 13), (2, 3, 24), (3, 1, 1), (0, 5, 7),
-              (2, 12, 6)]
+  # Whole tensors, stacked layers, rows and columns of a matrix, the columns
+  # of stacked matrices: (leaf, axes summed).
+  pairs = [(0, (0, 1)), (1, (0,)), (2, (1, 2)), (3, (0,)), (0, (1,)),
+           (0, (0,)), (2, (2,)), (2, (1,))]
+  requests = [(i, *range_sums.strided_groups(SHAPES[i], axes))
+              for i, axes in pairs]
   fn = lambda z: jnp.square(z) - 1.0
   got = np.asarray(range_sums.range_sums(s, requests, fn))
-  assert got.shape == (2, 23)
   for j in range(2):
-    z = [np.asarray(noise.gaussian(s[j, i], shape), np.float64).reshape(-1)
+    z = [np.asarray(noise.gaussian(s[j, i], shape), np.float64)
          for i, shape in enumerate(SHAPES)]
-    want = np.concatenate([np.sum(z[i].reshape(g, n) ** 2 - 1, axis=1)
-                           for i, g, n in requests])
+    want = np.concatenate([np.sum(z[i] ** 2 - 1, axis=axes).reshape(-1)
+                           for i, axes in pairs])
+    assert got.shape == (2, want.size)
     np.testing.assert_allclose(got[j], want, rtol=1e-5, atol=1e-4)
 
 
 def test_inactive_sums_are_zero():
-  got = range_sums.range_sums(seeds(), [(0, 1, 35)], jnp.square,
+  request = [(0, 1, 35, 1)]
+  got = range_sums.range_sums(seeds(), request, jnp.square,
                               active=jnp.asarray(False))
   np.testing.assert_array_equal(np.asarray(got), 0.0)
-  on = range_sums.range_sums(seeds(), [(0, 1, 35)], jnp.square,
+  on = range_sums.range_sums(seeds(), request, jnp.square,
                              active=jnp.asarray(True))
   assert np.all(np.asarray(on) > 0)
 
 
 @pytest.mark.parametrize("shape, axes, want", [
-    ((5, 7), (0, 1), (1, 35)),  # a whole tensor
-    ((3, 4, 6), (1, 2), (3, 24)),  # the layers of a stacked tensor
-    ((3, 1, 6), (2,), (3, 6)),  # size-1 axes do not matter
-    ((5, 7), (1,), (5, 7)),  # rows
-    ((5, 7), (0,), None),  # columns are strided
-    ((3, 4, 6), (0, 2), None),
+    ((5, 7), (0, 1), (1, 35, 1)),  # a whole tensor
+    ((3, 4, 6), (1, 2), (3, 24, 1)),  # the layers of a stacked tensor
+    ((3, 1, 6), (2,), (3, 6, 1)),  # size-1 axes do not matter
+    ((5, 7), (1,), (5, 7, 1)),  # rows
+    ((5, 7), (0,), (7, 5, 7)),  # columns
+    ((3, 4, 6), (1,), (18, 4, 6)),  # columns of stacked matrices
+    ((3, 4, 6), (0, 2), None),  # not consecutive
 ])
-def test_contiguous_groups(shape, axes, want):
-  assert range_sums.contiguous_groups(shape, axes) == want
+def test_strided_groups(shape, axes, want):
+  assert range_sums.strided_groups(shape, axes) == want
