@@ -49,6 +49,7 @@ import optax
 from jax import lax
 
 from hizoo_jax import _xla
+from hizoo_jax import noise
 from hizoo_jax import range_sums
 
 GRANULARITIES = ("tensor", "row", "column", "factored", "element")
@@ -145,31 +146,50 @@ def hessian(h: tuple) -> jax.Array:
   return out
 
 
-def inv_sqrt(h: tuple) -> jax.Array:
-  """H^{-1/2}, broadcastable to the leaf (rsqrt of the small factors)."""
-  out = lax.rsqrt(h[0])
-  for f in h[1:]:
-    out = out * lax.rsqrt(f)
+def _joinable(f: jax.Array) -> bool:
+  """Whether the factor ``f`` may join a concatenation with the others.
+
+  On a mesh only a factor on no mesh axis may: a concatenation takes one
+  sharding, and would gather the others (a collective per factor). Under
+  Explicit axes the sharding is known; otherwise only a single number is
+  surely replicated.
+  """
+  if _xla.single_device():
+    return True
+  sharding = noise.explicit_sharding(f)
+  if sharding is None:
+    return f.size == 1
+  return all(s is None for s in sharding.spec)
+
+
+def _split(vector: jax.Array, like: list) -> list:
+  """``vector`` cut into arrays shaped like those of ``like``, in order."""
+  out, start = [], 0
+  for f in like:
+    out.append(vector[start:start + f.size].reshape(f.shape))
+    start += f.size
   return out
 
 
-def inv_sqrt_all(hess: list) -> list:
-  """:func:`inv_sqrt` of every leaf's factors (None where a leaf is frozen).
+def inv_sqrt(hess: list) -> list:
+  """Per leaf, H^{-1/2} broadcastable to it (None where a leaf is frozen).
 
-  The one-factor leaves' in one vector operation: leaf by leaf, each
-  ``rsqrt`` of a few numbers was a kernel of its own (XLA does not recompute
-  an expensive operation in each element of its consumer).
+  One ``rsqrt`` of all factors as a vector (on a mesh, see _joinable): leaf by
+  leaf, each ``rsqrt`` of a few numbers was a kernel of its own (XLA does
+  not recompute an expensive operation in each element of its consumer).
   """
-  out = [None if h is None else inv_sqrt(h) for h in hess]
-  single = [i for i, h in enumerate(hess) if h is not None and len(h) == 1]
-  if single:
-    roots = lax.rsqrt(jnp.concatenate([hess[i][0].reshape(-1)
-                                       for i in single]))
-    start = 0
-    for i in single:
-      f = hess[i][0]
-      out[i] = roots[start:start + f.size].reshape(f.shape)
-      start += f.size
+  factors = [(i, k) for i, h in enumerate(hess) if h is not None
+             for k in range(len(h))]
+  joined = [(i, k) for i, k in factors if _joinable(hess[i][k])]
+  roots = {}
+  if joined:
+    like = [hess[i][k] for i, k in joined]
+    roots = dict(zip(joined, _split(lax.rsqrt(jnp.concatenate(
+        [f.reshape(-1) for f in like])), like)))
+  out = [None] * len(hess)
+  for i, k in factors:
+    root = roots[i, k] if (i, k) in roots else lax.rsqrt(hess[i][k])
+    out[i] = root if k == 0 else out[i] * root
   return out
 
 
@@ -240,46 +260,64 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
   y, safe_lam, safe_v, usable = _xla.computed_once(
       (y, safe_lam, safe_v, usable), draw.zero)
 
-  # One-factor leaves (curvature per tensor, row or column) as one vector:
-  # a few vector operations for all of them instead of a few dozen
-  # instructions per leaf. Factored leaves (HiZOO-L) factor by factor: their
-  # rows and columns concatenated made XLA:CPU compile with 40% more memory.
-  single = [i for i in live if len(hess[i]) == 1]
-  factored = [i for i in live if len(hess[i]) == 2]
-  def moved(h, z2, n, num):  # one log step of H (the module docstring)
+  # The factors as one vector: the rule is a few vector operations, where
+  # factor by factor it was a few dozen instructions and several tiny
+  # kernels per leaf. On a mesh, factors sharded over mesh axes go factor
+  # by factor (_joinable).
+  pieces = [(i, k) for i in live for k in range(len(hess[i]))]
+  apart = [(i, k) for i, k in pieces if not _joinable(hess[i][k])]
+  joined = [key for key in pieces if key not in apart]
+  def per_entry(values):  # a value per factor of `joined`, per entry
+    return np.repeat(np.asarray(values, np.float32),
+                     [hess[i][k].size for i, k in joined])
+  def coords(i, k):  # coordinates per group
+    return np.float32(np.prod(shapes[i]) / hess[i][k].size)
+  def moved(h, z2, n, num):  # one log step (the module docstring)
     y_b = jnp.reshape(y, (num_queries,) + (1,) * h.ndim)
     rho = jnp.mean(z2 * y_b, axis=0) / (n * safe_lam)
     gain = rate / num * jnp.minimum(1.0, n / (2.0 * safe_v))
     step = jnp.where(usable, jnp.clip(gain * rho, -CLIP, CLIP), 0.0)
     return (h * jnp.exp(step)).astype(h.dtype)
 
-  new = list(hess)
-  total = jnp.zeros([], jnp.float32)  # sum_i H_i over all coordinates
-  if single:
-    sizes = [hess[i][0].size for i in single]
-    n = np.repeat([np.prod(shapes[i]) / hess[i][0].size for i in single],
-                  sizes).astype(np.float32)  # coordinates per group
-    h = moved(jnp.concatenate([hess[i][0].reshape(-1) for i in single]),
-              jnp.concatenate([sums[i, 0].reshape(num_queries, -1)
-                               for i in single], axis=1), n, 1)
-    total += jnp.sum(h * n)
-  for i in factored:
-    new[i] = tuple(moved(f, sums[i, k], np.prod(shapes[i]) / f.size, 2)
-                   for k, f in enumerate(hess[i]))
-    total += _factored_total(*new[i], shapes[i])
+  new = {}
+  if joined:
+    n = per_entry([coords(i, k) for i, k in joined])
+    num = per_entry([len(hess[i]) for i, k in joined])
+    dtype = jnp.result_type(*[hess[i][k] for i, k in joined])
+    h = moved(jnp.concatenate([hess[i][k].reshape(-1) for i, k in joined]),
+              jnp.concatenate([sums[key].reshape(num_queries, -1)
+                               for key in joined], axis=1), n, num)
+    # Stored: the totals below read it in slices, which would otherwise
+    # each recompute the concatenations.
+    h = _xla.computed_once(h, draw.zero)
+    new.update(zip(joined, _split(h, [hess[i][k] for i, k in joined])))
+  for i, k in apart:
+    new[i, k] = moved(hess[i][k], sums[i, k], coords(i, k), len(hess[i]))
+  # sum_i H_i over all coordinates: a group of a one-factor leaf stands for
+  # its n coordinates; a factored leaf's total comes from its factors.
+  total = sum(_factored_total(new[i, 0], new[i, 1], shapes[i])
+              for i in live if len(hess[i]) == 2)
+  if joined:
+    total += jnp.sum(jnp.where(num == 1, h * n, 0.0))
+  total += sum(jnp.sum(new[i, 0] * coords(i, 0)) for i, k in apart
+               if len(hess[i]) == 1)
   mean_h = _xla.computed_once(jnp.where(usable, total / dim, 1.0), draw.zero)
 
   # Mean 1, and no factor below FLOOR (see FLOOR).
-  if single:
-    h = _xla.computed_once(jnp.maximum(h / mean_h, FLOOR).astype(h.dtype),
-                           draw.zero)  # stored once, read by every leaf
-    ends = np.cumsum(sizes)
-    for i, size, end in zip(single, sizes, ends):
-      new[i] = (h[end - size:end].reshape(hess[i][0].shape),)
-  for i in factored:
-    rows, cols = new[i]
-    new[i] = (jnp.maximum(rows / mean_h, np.sqrt(FLOOR)).astype(rows.dtype),
-              jnp.maximum(cols, np.sqrt(FLOOR)).astype(cols.dtype))
+  def normalised(f, k, num):
+    return jnp.maximum(f / mean_h if k == 0 else f,
+                       FLOOR ** (1 / num)).astype(f.dtype)
+  if joined:
+    first = per_entry([k == 0 for _, k in joined]) > 0
+    h = jnp.maximum(jnp.where(first, h / mean_h, h), FLOOR ** (1 / num))
+    h = _xla.computed_once(h.astype(dtype), draw.zero)  # read by all
+    new.update(zip(joined, _split(h, [hess[i][k] for i, k in joined])))
+  for i, k in apart:
+    new[i, k] = normalised(new[i, k], k, len(hess[i]))
+  new_hess = list(hess)
+  for i in live:
+    new_hess[i] = tuple(new[i, k].astype(f.dtype)
+                        for k, f in enumerate(hess[i]))
 
   # Running means: plain averages for the first 1 / STATS_RATE samples.
   q_mean = jnp.mean(second)
@@ -291,4 +329,4 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
       baseline=jnp.where(probe, b_new, b).astype(jnp.float32),
       spread=jnp.where(probe, v_new, v).astype(jnp.float32),
       probes=t + probe.astype(jnp.int32))
-  return new, new_stats
+  return new_hess, new_stats
