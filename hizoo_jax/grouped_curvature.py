@@ -226,7 +226,9 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
     stats: the running statistics.
     second: (q,) float32, ``D_j / (2 mu^2)`` for each query.
     draw: a :class:`hizoo_jax.noise.Draws`; ``draw.z(i, j, order)`` is z of
-      leaf i and query j, drawn afresh (salted by ``order``).
+      leaf i and query j, drawn afresh (salted by ``order``); on one device
+      the sums of z^2 draw from ``draw.seeds`` in one loop
+      (:mod:`hizoo_jax.range_sums`).
     shapes: the leaves' shapes.
     rate: the largest gain of log H per step.
     probe: bool, whether this step measured the curvature (else nothing moves).
