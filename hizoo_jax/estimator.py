@@ -22,6 +22,7 @@ from hizoo_jax import curvature
 from hizoo_jax import evaluation
 from hizoo_jax import rules
 from hizoo_jax import noise
+from hizoo_jax import range_sums
 
 ScalarOrSchedule = float | jax.Array | optax.Schedule
 
@@ -250,7 +251,7 @@ def _zo_estimator(
       # Sums over rows or columns are noise passes of their own, except in
       # the signed rule's loop of sums (one device; hizoo_jax.range_sums).
       light = (not with_curvature or granularity == "tensor"
-               or (estimator == "signed" and _xla.single_device()))
+               or (estimator == "signed" and range_sums.in_one_loop()))
       zo_probe.perturbation = Perturbation(
           shift, num_queries, with_curvature, every, light)
       return jax.tree.map(jnp.zeros_like, params), state

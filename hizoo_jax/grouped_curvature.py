@@ -305,17 +305,16 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
                if len(hess[i]) == 1)
   mean_h = _xla.computed_once(jnp.where(usable, total / dim, 1.0), draw.zero)
 
-  # Mean 1, and no factor below FLOOR (see FLOOR).
-  def normalised(f, k, num):
-    return jnp.maximum(f / mean_h if k == 0 else f,
-                       FLOOR ** (1 / num)).astype(f.dtype)
+  # Mean 1 (the first factor carries it), and no factor below FLOOR.
+  def normalised(h, first, num):
+    return jnp.maximum(jnp.where(first, h / mean_h, h), FLOOR ** (1 / num))
   if joined:
     first = per_entry([k == 0 for _, k in joined]) > 0
-    h = jnp.maximum(jnp.where(first, h / mean_h, h), FLOOR ** (1 / num))
-    h = _xla.computed_once(h.astype(dtype), draw.zero)  # read by all
+    h = _xla.computed_once(normalised(h, first, num).astype(dtype),
+                           draw.zero)  # read by all
     new.update(zip(joined, _split(h, [hess[i][k] for i, k in joined])))
   for i, k in apart:
-    new[i, k] = normalised(new[i, k], k, len(hess[i]))
+    new[i, k] = normalised(new[i, k], k == 0, len(hess[i]))
   new_hess = list(hess)
   for i in live:
     new_hess[i] = tuple(new[i, k].astype(f.dtype)

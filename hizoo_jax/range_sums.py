@@ -32,6 +32,15 @@ WIDTH = 256  # elements per row; a group wastes less than one row.
 BLOCK_ROWS = 1024  # rows per iteration: 2**18 draws.
 
 
+def in_one_loop() -> bool:
+  """Whether :func:`group_sums` draws its groups in one loop here.
+
+  Only on one device: on a mesh each leaf's draw is sharded like the leaf,
+  and the loop would draw every leaf on every device.
+  """
+  return _xla.single_device()
+
+
 def strided_groups(shape, axes) -> Optional[tuple[int, int, int]]:
   """``(groups, length, inner)`` of a sum over ``axes`` of a ``shape`` leaf.
 
@@ -125,15 +134,14 @@ def group_sums(draws: noise.Draws, groups: Sequence[tuple[int, tuple]],
   Returns:
     Per pair, a (q, *kept shape) float32 array.
 
-  On one device all pairs whose summed axes are consecutive (tensors,
-  stacked layers, rows, columns) share one loop. The others, and all pairs
-  on a mesh, where each leaf's draw is sharded like the leaf (the loop would
-  draw every leaf on every device), are summed leaf by leaf with
+  Where :func:`in_one_loop`, all pairs whose summed axes are consecutive
+  (tensors, stacked layers, rows, columns) share one loop. The others, and
+  all pairs on a mesh, are summed leaf by leaf with
   :meth:`hizoo_jax.noise.Draws.ordered_sums`.
   """
   num_queries = draws.seeds.shape[0]
-  layout = [strided_groups(shapes[i], axes) if _xla.single_device()
-            else None for i, axes in groups]
+  layout = [strided_groups(shapes[i], axes) if in_one_loop() else None
+            for i, axes in groups]
   looped = [(i, *g) for (i, _), g in zip(groups, layout) if g is not None]
   sums = range_sums(draws.seeds, looped, fn, draws.active) if looped else None
   apart = draws.ordered_sums(
