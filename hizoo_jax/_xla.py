@@ -1,4 +1,8 @@
-"""Reductions written so that XLA:CPU computes their operand as it reduces.
+"""Workarounds for the XLA compiler, each with its reason.
+
+The lean step's compiler options are :func:`step_compiler_options`. The
+reductions below are written so that XLA:CPU computes their operand as it
+reduces.
 
 XLA:CPU hands a plain float sum to YNNPACK, which first stores the whole
 operand: for a sum over a noise expression, a leaf-sized temporary. One
@@ -19,6 +23,25 @@ from jax import lax
 
 def single_device() -> bool:
   return jax.device_count() == 1
+
+
+def step_compiler_options() -> dict:
+  """XLA options for compiling the lean step (``hz.make_train_step``)."""
+  disabled = [
+      # Would hoist the loop-invariant parts of z (the element index,
+      # H^{-1/2}) out of the evaluation loop and store them: parameter-sized.
+      "while-loop-invariant-code-motion",
+      # Its dead-parameter search costs (loop carry) x (loop body), hundreds
+      # of leaves times the whole step, and finds nothing: JAX has already
+      # removed dead carries (docs/performance.md, compile time).
+      "simplify-while-loops",
+  ]
+  options = {"xla_disable_hlo_passes": ",".join(disabled)}
+  if jax.default_backend() == "cpu":
+    # LLVM at -O1: hundreds of noise kernels compile in a third less time,
+    # and the steps measured no slower (docs/performance.md, compile time).
+    options["xla_backend_optimization_level"] = 1
+  return options
 
 
 def _single_cpu_device() -> bool:

@@ -53,12 +53,6 @@ Params = Any
 Batch = Any
 Metrics = dict[str, jax.Array]
 
-# XLA would hoist the loop-invariant parts of z (the element index, H^{-1/2})
-# out of the evaluation loop and store them: parameter-sized buffers.
-COMPILER_OPTIONS = {
-    "xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
-
-
 _NEEDS_ESTIMATOR = (
     "make_train_step needs an optimizer that contains a zeroth-order "
     "estimator (hz.hizoo, hz.hizoo_l, hz.mezo or a chain with "
@@ -344,4 +338,4 @@ def make_train_step(
     return new_params, new_state, metrics
 
   return jax.jit(step, donate_argnums=(0, 1) if donate else (),
-                 compiler_options=COMPILER_OPTIONS)
+                 compiler_options=_xla.step_compiler_options())
