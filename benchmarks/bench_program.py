@@ -39,7 +39,8 @@ Models (``--models``): ``decoder:25M``, ``decoder:100M``, ``decoder:350M``
 weight): the build peaks at 1.05x the parameters at 1.3B (36 s), where one
 jitted ``init_weights`` holds ~1.8x the parameters in temporaries. Loss: mean
 token cross-entropy of ``logits[:, :-1]`` against ``ids[:, 1:]`` in float32
-(log-sum-exp minus the target logit), no dropout. ``--dtype bfloat16``
+(log-sum-exp minus the target logit, written so that no second logits-sized
+array is stored), no dropout. ``--dtype bfloat16``
 stores the parameters in bfloat16 and computes in bfloat16 (the loss in
 float32), and labels the model ``<model>/bf16``; ``--batch BxT`` overrides
 the batch and appends ``@BxT``.
@@ -86,6 +87,7 @@ def build_opt(name: str, dtype, batch):
   import jax
   import jax.numpy as jnp
   import numpy as np
+  from jax import lax
   from transformers import FlaxOPTForCausalLM, OPTConfig
   hidden, layers, ffn, heads, vocab, positions, default = OPT[name]
   config = OPTConfig(
@@ -120,11 +122,20 @@ def build_opt(name: str, dtype, batch):
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
     logits = module.apply({"params": params}, ids, jnp.ones_like(ids),
                           positions, deterministic=True, return_dict=False)[0]
-    # log-sum-exp minus the target's logit: XLA reduces the logits where
-    # they are, where log_softmax would store a second logits-sized array.
-    logits = logits[:, :-1].astype(jnp.float32)
-    target = jnp.take_along_axis(logits, ids[:, 1:, None], -1)[..., 0]
-    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - target)
+    # log-sum-exp minus the target's logit, reading the logits where they
+    # are: log_softmax, a slice logits[:, :-1], or a one-output sum of exp
+    # (which XLA:CPU hands to YNNPACK with its operand stored) would each
+    # hold a second logits-sized array (393 MiB at OPT-125M).
+    logits = logits.astype(jnp.float32)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    total, count = lax.reduce(  # two outputs: XLA:CPU fuses the exp
+        (jnp.exp(logits - top), jnp.ones(logits.shape, jnp.int32)),
+        (np.float32(0), np.int32(0)),
+        lambda a, b: (a[0] + b[0], a[1] + b[1]), (2,))
+    total = total + 0.0 * count  # keeps the second output alive
+    nll = jnp.log(total) + top[..., 0] - jnp.take_along_axis(
+        logits, jnp.roll(ids, -1, axis=1)[..., None], -1)[..., 0]
+    return jnp.mean(nll[:, :-1])  # the last position has no next token
 
   return params, tokens, loss
 
