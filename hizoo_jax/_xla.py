@@ -39,8 +39,8 @@ def step_compiler_options() -> dict:
   ]
   options = {"xla_disable_hlo_passes": ",".join(disabled)}
   if jax.default_backend() == "cpu":
-    # LLVM at -O1: hundreds of noise kernels compile in a third less time,
-    # and the steps measured no slower (docs/performance.md, compile time).
+    # LLVM at -O1: hundreds of noise kernels compile in up to a third less
+    # time, and the steps measured no slower (docs/performance.md).
     options["xla_backend_optimization_level"] = 1
   return options
 
