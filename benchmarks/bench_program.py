@@ -87,8 +87,9 @@ def build_opt(name: str, dtype, batch):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from jax import lax
   from transformers import FlaxOPTForCausalLM, OPTConfig
+
+  from hizoo_jax import _xla
   hidden, layers, ffn, heads, vocab, positions, default = OPT[name]
   config = OPTConfig(
       hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn,
@@ -128,13 +129,9 @@ def build_opt(name: str, dtype, batch):
     # hold a second logits-sized array (393 MiB at OPT-125M).
     logits = logits.astype(jnp.float32)
     top = jnp.max(logits, axis=-1, keepdims=True)
-    total, count = lax.reduce(  # two outputs: XLA:CPU fuses the exp
-        (jnp.exp(logits - top), jnp.ones(logits.shape, jnp.int32)),
-        (np.float32(0), np.int32(0)),
-        lambda a, b: (a[0] + b[0], a[1] + b[1]), (2,))
-    total = total + 0.0 * count  # keeps the second output alive
-    nll = jnp.log(total) + top[..., 0] - jnp.take_along_axis(
-        logits, jnp.roll(ids, -1, axis=1)[..., None], -1)[..., 0]
+    total = _xla.fused_sum(jnp.exp(logits - top), (2,))  # exp not stored
+    nll = (jnp.log(total) + top - jnp.take_along_axis(
+        logits, jnp.roll(ids, -1, axis=1)[..., None], -1))[..., 0]
     return jnp.mean(nll[:, :-1])  # the last position has no next token
 
   return params, tokens, loss
