@@ -1,6 +1,8 @@
 """Workarounds for the XLA compiler, each with its reason.
 
-The lean step's compiler options are :func:`step_compiler_options`. The
+The lean step's compiler options are :func:`step_compiler_options`.
+:func:`at_leaf` and :func:`leaf_piece` read a leaf's entry of a shared
+vector at the leaf's number given as data (see their docstrings). The
 reductions below are written so that XLA:CPU computes their operand as it
 reduces.
 
@@ -43,6 +45,28 @@ def step_compiler_options() -> dict:
     # time, and the steps measured no slower (docs/performance.md).
     options["xla_backend_optimization_level"] = 1
   return options
+
+
+def at_leaf(table: jax.Array, number: jax.Array, axis: int = 0) -> jax.Array:
+  """``table``'s entry ``number`` along ``axis`` (the axis removed).
+
+  ``number`` is a runtime uint32 scalar, the leaf's position held in the
+  optimizer state. XLA compiles identical kernels once; read at a constant
+  offset, every leaf's noise kernel would differ and compile on its own.
+  (Unsigned: a signed index costs a wrap of negative values in every read.)
+  """
+  return lax.dynamic_index_in_dim(table, number, axis, keepdims=False)
+
+
+def leaf_piece(vector: jax.Array, starts: np.ndarray, number: jax.Array,
+               shape) -> jax.Array:
+  """``vector[starts[number]:][:size]`` reshaped to ``shape`` (see at_leaf).
+
+  ``starts`` is a static table indexed by leaf number.
+  """
+  start = at_leaf(jnp.asarray(starts, jnp.uint32), number)
+  size = int(np.prod(shape, dtype=np.int64))
+  return lax.dynamic_slice_in_dim(vector, start, size).reshape(shape)
 
 
 def _single_cpu_device() -> bool:

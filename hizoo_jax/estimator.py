@@ -32,6 +32,9 @@ class ZOState(NamedTuple):
 
   count: jax.Array  # (), int32: steps taken; selects the next step's noise.
   rng_key: jax.Array  # (k,), uint32: raw words of the run's PRNG key.
+  leaf_numbers: Any  # tree like params of (), uint32: each leaf's position
+  # among the params' leaves. Read as data, so that same-shaped leaves share
+  # their compiled kernels (hizoo_jax._xla.at_leaf).
   hessian: Any  # HiZOO "signed": a tuple of 1 (2 for "factored") trees like
   # params of float32 factors (the leaf's ndim, size 1 on shared axes; H is
   # their product); "paper"/"reference": a tree like params of arrays of the
@@ -169,6 +172,8 @@ def _zo_estimator(
     return ZOState(
         count=jnp.zeros([], jnp.int32),
         rng_key=noise.key_words(key),
+        leaf_numbers=treedef.unflatten(
+            [jnp.asarray(i, jnp.uint32) for i in range(len(leaves))]),
         hessian=hessian,
         curvature_stats=stats,
         loss=zero(), loss_plus=zero(), loss_minus=zero(),
@@ -199,9 +204,18 @@ def _zo_estimator(
             "initialised with other params or another estimator?")
     return hess
 
+  def leaf_numbers(state, treedef):
+    try:
+      return treedef.flatten_up_to(state.leaf_numbers)
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          "params do not have the structure the optimizer state was "
+          "initialised with.") from e
+
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
     del updates  # Zeroth order: the incoming updates are not used.
     leaves, paths, treedef, trainable = flatten(params)
+    numbers = leaf_numbers(state, treedef)
     hess = curvature_leaves(state, treedef, leaves, paths, trainable)
     hashes = np.array([noise.path_hash(p) for p in paths], np.uint32)
     mu_t = _at_step(mu, state.count)
@@ -216,7 +230,7 @@ def _zo_estimator(
         jnp.arange(num_queries, dtype=jnp.uint32)[:, None], hashes), zero)
 
     def z(i, query, order=None):
-      seed = seeds[query, i]
+      seed = _xla.at_leaf(seeds, numbers[i], axis=1)[query]
       if order is not None:
         seed = seed ^ draws.salt(order)
       z_i = noise.gaussian(seed, jnp.shape(leaves[i]),
@@ -233,7 +247,7 @@ def _zo_estimator(
     draws = noise.Draws(z=z, zero=zero, seeds=seeds,
                         active=probe if final is None else probe & final)
 
-    scale = rule.inv_sqrt(hess) if with_curvature else None
+    scale = rule.inv_sqrt(hess, numbers) if with_curvature else None
 
     def shift(tree, coeff, query):
       out = treedef.flatten_up_to(tree)
@@ -277,9 +291,9 @@ def _zo_estimator(
       second = (second / (2 * mu_t**2)).astype(jnp.float32)  # (q,)
       new_hess, new_stats = rule.update(
           hess, state.curvature_stats, second, draws,
-          [jnp.shape(x) for x in leaves], rate, measured)
+          [jnp.shape(x) for x in leaves], rate, measured, numbers)
 
-    new_scale = rule.inv_sqrt(new_hess) if with_curvature else None
+    new_scale = rule.inv_sqrt(new_hess, numbers) if with_curvature else None
     out = []
     for i, (x, keep) in enumerate(zip(leaves, trainable)):
       if not keep:
@@ -306,6 +320,7 @@ def _zo_estimator(
     new_state = ZOState(
         count=optax.safe_increment(state.count),
         rng_key=state.rng_key,
+        leaf_numbers=state.leaf_numbers,
         hessian=rule.join(new_hess, treedef) if with_curvature else None,
         curvature_stats=new_stats,
         loss=loss.astype(jnp.float32),

@@ -162,30 +162,31 @@ def _joinable(f: jax.Array) -> bool:
   return all(s is None for s in sharding.spec)
 
 
-def _split(vector: jax.Array, like: list) -> list:
-  """``vector`` cut into arrays shaped like those of ``like``, in order."""
-  out, start = [], 0
-  for f in like:
-    out.append(vector[start:start + f.size].reshape(f.shape))
-    start += f.size
-  return out
+def _split(vector: jax.Array, keys: list, hess: list, numbers: list) -> dict:
+  """``vector`` cut into the factors ``keys`` ((leaf, factor) pairs, in
+  order) of ``hess``, each read at its leaf's number (_xla.leaf_piece)."""
+  starts = np.zeros((len(hess), max(len(hess[i]) for i, _ in keys)), np.uint32)
+  starts[tuple(zip(*keys))] = np.cumsum([0] + [hess[i][k].size
+                                               for i, k in keys])[:-1]
+  return {(i, k): _xla.leaf_piece(vector, starts[:, k], numbers[i],
+                                  hess[i][k].shape) for i, k in keys}
 
 
-def inv_sqrt(hess: list) -> list:
+def inv_sqrt(hess: list, numbers: list) -> list:
   """Per leaf, H^{-1/2} broadcastable to it (None where a leaf is frozen).
 
   One ``rsqrt`` of all factors as a vector (on a mesh, see _joinable): leaf by
   leaf, each ``rsqrt`` of a few numbers was a kernel of its own (XLA does
   not recompute an expensive operation in each element of its consumer).
+  ``numbers``: the leaves' numbers (:func:`hizoo_jax._xla.at_leaf`).
   """
   factors = [(i, k) for i, h in enumerate(hess) if h is not None
              for k in range(len(h))]
   joined = [(i, k) for i, k in factors if _joinable(hess[i][k])]
   roots = {}
   if joined:
-    like = [hess[i][k] for i, k in joined]
-    roots = dict(zip(joined, _split(lax.rsqrt(jnp.concatenate(
-        [f.reshape(-1) for f in like])), like)))
+    roots = _split(lax.rsqrt(jnp.concatenate(
+        [hess[i][k].reshape(-1) for i, k in joined])), joined, hess, numbers)
   out = [None] * len(hess)
   for i, k in factors:
     root = roots[i, k] if (i, k) in roots else lax.rsqrt(hess[i][k])
@@ -218,7 +219,7 @@ def _factored_total(rows, cols, leaf_shape) -> jax.Array:
 
 
 def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
-           rate: jax.Array, probe: jax.Array):
+           rate: jax.Array, probe: jax.Array, numbers: list):
   """The new factors and statistics after one step (see the module docstring).
 
   Args:
@@ -232,6 +233,7 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
     shapes: the leaves' shapes.
     rate: the largest gain of log H per step.
     probe: bool, whether this step measured the curvature (else nothing moves).
+    numbers: the leaves' numbers (:func:`hizoo_jax._xla.at_leaf`).
 
   Returns:
     ``(new hess list, new stats)``.
@@ -250,8 +252,14 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
   for i in live:
     for k in range(1, len(hess[i])):
       sums.setdefault((i, k), sums[i, 0])
-  norm_sq = dim + sum(
-      jnp.sum(sums[i, 0].reshape(num_queries, -1), axis=1) for i in live)
+  # sum(z^2) over every coordinate: each leaf's first factor's groups. One
+  # sum over all groups (in one loop, XLA reads them as drawn); leaf by leaf
+  # it was a kernel per leaf.
+  first = np.concatenate([np.full(sums[i, k].size // num_queries, k == 0)
+                          for i, k in own])
+  norm_sq = dim + jnp.sum(jnp.where(first, jnp.concatenate(
+      [sums[key].reshape(num_queries, -1) for key in own], axis=1), 0.0),
+                          axis=1)
 
   b, v, t = stats
   lam = 2.0 * b / dim
@@ -292,7 +300,7 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
     # Stored: the totals below read it in slices, which would otherwise
     # each recompute the concatenations.
     h = _xla.computed_once(h, draw.zero)
-    new.update(zip(joined, _split(h, [hess[i][k] for i, k in joined])))
+    new.update(_split(h, joined, hess, numbers))
   for i, k in apart:
     new[i, k] = moved(hess[i][k], sums[i, k], coords(i, k), len(hess[i]))
   # sum_i H_i over all coordinates: a group of a one-factor leaf stands for
@@ -312,7 +320,7 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
     first = per_entry([k == 0 for _, k in joined]) > 0
     h = _xla.computed_once(normalised(h, first, num).astype(dtype),
                            draw.zero)  # read by all
-    new.update(zip(joined, _split(h, [hess[i][k] for i, k in joined])))
+    new.update(_split(h, joined, hess, numbers))
   for i, k in apart:
     new[i, k] = normalised(new[i, k], k == 0, len(hess[i]))
   new_hess = list(hess)

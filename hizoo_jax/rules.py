@@ -28,9 +28,11 @@ class Rule(NamedTuple):
   init: Callable  # (shape, granularity, factored axes, dtype, sharding,
   # stacked)
   init_stats: Callable[[], Any]
-  # Per leaf, H^{-1/2} broadcastable to the leaf (None where frozen).
-  inv_sqrt: Callable[[list], list]
-  update: Callable  # (hess, stats, second, draws, shapes, rate, probe)
+  # Per leaf, H^{-1/2} broadcastable to the leaf (None where frozen), from
+  # (hess, the leaves' numbers: hizoo_jax._xla.at_leaf).
+  inv_sqrt: Callable[[list, list], list]
+  update: Callable  # (hess, stats, second, draws, shapes, rate, probe,
+  # numbers)
   last_array: Callable[[Any], jax.Array]  # what the update's z waits for.
   shapes_fit: Callable[[Any, tuple], bool]
   split: Callable  # (state.hessian, treedef) -> per leaf (None: frozen)
@@ -57,15 +59,22 @@ def _paper_join(per_leaf, treedef):
       [optax.MaskedNode() if h is None else h for h in per_leaf])
 
 
+def _paper_update(reference, hess, stats, second, draws, shapes, rate, probe,
+                  numbers):
+  del numbers  # H is an array per leaf: nothing is read from a shared vector.
+  return curvature.paper_update(reference, hess, stats, second, draws, shapes,
+                                rate, probe)
+
+
 def _paper_rule(reference):
   return Rule(
       granularities=("element", "factored"),
       default_rate=1e-6,
       init=_paper_init,
       init_stats=lambda: None,
-      inv_sqrt=lambda hess: [None if h is None else fusible.rsqrt(
+      inv_sqrt=lambda hess, numbers: [None if h is None else fusible.rsqrt(
           curvature.expand(h)) for h in hess],
-      update=functools.partial(curvature.paper_update, reference),
+      update=functools.partial(_paper_update, reference),
       last_array=curvature.updated_array,
       shapes_fit=_paper_shapes_fit,
       split=_paper_split,

@@ -3,6 +3,8 @@
 Structural tests: they count HLO instructions of compiled programs, not time.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,14 @@ from hizoo_jax import _xla
 
 def instructions(compiled) -> int:
   return sum(1 for line in compiled.as_text().splitlines() if " = " in line)
+
+
+def distinct_kernels(compiled) -> int:
+  """How many fused computations differ other than by their names."""
+  bodies = re.findall(r"\n%?fused_computation[\w.]* \(.*?\n(.*?)\n\}",
+                      compiled.as_text(), re.S)
+  names = r"%[\w.\-]+|metadata=\{[^}]*\}|, (backend_config|frontend_attr).*"
+  return len({re.sub(names, "", body) for body in bodies})
 
 
 def scanned_model(depth, width=16):
@@ -154,11 +164,12 @@ def test_program_grows_per_leaf_at_a_bounded_rate(one_device, monkeypatch):
   8 and 64 same-shaped leaves. The forward pass of this MLP adds 8
   instructions per leaf. A step adds one fused copy of the generator per
   leaf (~80 with the move and the update: moves, restore and update are one
-  expression in the loop): MeZO 92 per leaf, 11.5x the forward's growth.
+  expression in the loop): MeZO 97 per leaf, 12x the forward's growth.
   HiZOO's sums of z^2 are one loop for all leaves and its rule one vector
-  (hizoo_jax.range_sums; 117 per leaf, 14.6x). On a mesh HiZOO sums leaf
-  by leaf, each sum sharded like its leaf (262 per leaf, 33x). Stacked
-  layers do not pay per leaf at all (test above).
+  (hizoo_jax.range_sums; 127 per leaf, 16x; HiZOO-L 201). On a mesh HiZOO
+  sums leaf by leaf, each sum sharded like its leaf (281 per leaf, 35x).
+  Those copies are alike, and XLA compiles each distinct kernel once.
+  Stacked layers do not pay per leaf at all (test above).
   """
   if one_device:
     monkeypatch.setattr(_xla, "single_device", lambda: True)
@@ -172,23 +183,31 @@ def test_program_grows_per_leaf_at_a_bounded_rate(one_device, monkeypatch):
       return jnp.mean(x ** 2)
     return params, loss, jnp.ones((2, width))
 
-  growth = {}
-  for name in ("forward", "mezo", "hizoo"):
+  optimizers = {"mezo": lambda: hz.mezo(1e-3), "hizoo": lambda: hz.hizoo(1e-3),
+                "hizoo_l": lambda: hz.hizoo_l(1e-3, min_dim_size_to_factor=4)}
+  growth, kernels = {}, {}
+  for name in ("forward", *optimizers):
     counts = []
     for n in (8, 64):
       params, loss, x = mlp(n)
       if name == "forward":
         compiled = jax.jit(loss).lower(params, x).compile()
       else:
-        tx = OPTIMIZERS[name]() if name == "mezo" else hz.hizoo(1e-3)
+        tx = optimizers[name]()
         compiled = hz.make_train_step(tx, loss).lower(
             params, tx.init(params), x).compile()
+        kernels.setdefault(name, []).append(distinct_kernels(compiled))
       counts.append(instructions(compiled))
     growth[name] = (counts[1] - counts[0]) / 56
   assert 0 < growth["forward"] < 20, growth
   assert growth["mezo"] < 14 * growth["forward"], growth
   assert growth["hizoo"] < (18 if one_device else 40) * growth["forward"], (
       growth)
+  # Same-shaped leaves share their kernels, which XLA compiles once: the
+  # distinct kernels do not grow with the leaves (56 more leaves; a kernel
+  # shaped by the total, such as the loop of sums' block, may differ).
+  for name, (few, many) in kernels.items():
+    assert many <= few + 2, (name, kernels)
 
 
 def test_curvature_keeps_mean_one_over_all_coordinates():
