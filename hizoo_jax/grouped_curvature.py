@@ -252,14 +252,18 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
   for i in live:
     for k in range(1, len(hess[i])):
       sums.setdefault((i, k), sums[i, 0])
-  # sum(z^2) over every coordinate: each leaf's first factor's groups. One
-  # sum over all groups (in one loop, XLA reads them as drawn); leaf by leaf
-  # it was a kernel per leaf.
-  first = np.concatenate([np.full(sums[i, k].size // num_queries, k == 0)
-                          for i, k in own])
-  norm_sq = dim + jnp.sum(jnp.where(first, jnp.concatenate(
-      [sums[key].reshape(num_queries, -1) for key in own], axis=1), 0.0),
-                          axis=1)
+  # sum(z^2) over every coordinate: each leaf's first factor's groups.
+  # Drawn in one loop, one sum of them all (leaf by leaf, a kernel per
+  # leaf); on a mesh, leaf by leaf, each sharded like its leaf.
+  if range_sums.in_one_loop():
+    first = np.concatenate([np.full(sums[i, k].size // num_queries, k == 0)
+                            for i, k in own])
+    norm_sq = dim + jnp.sum(jnp.where(first, jnp.concatenate(
+        [sums[key].reshape(num_queries, -1) for key in own], axis=1), 0.0),
+                            axis=1)
+  else:
+    norm_sq = dim + sum(
+        jnp.sum(sums[i, 0].reshape(num_queries, -1), axis=1) for i in live)
 
   b, v, t = stats
   lam = 2.0 * b / dim
