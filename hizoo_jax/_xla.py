@@ -17,6 +17,8 @@ everywhere else (GPU and TPU fuse them).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,6 +49,18 @@ def step_compiler_options() -> dict:
   return options
 
 
+def traced_once(static_argnames):
+  """Decorator: the function is traced once per signature inside a trace.
+
+  A jitted function called while tracing is traced once per signature
+  (shapes, dtypes, static arguments) and bound as one call after that; XLA
+  inlines the calls, so the compiled program is the same. For the noise
+  generator, drawn once per leaf and draw: traced each time, its few dozen
+  primitives per draw were most of the time to trace a step.
+  """
+  return functools.partial(jax.jit, static_argnames=static_argnames)
+
+
 def at_leaf(table: jax.Array, number: jax.Array, axis: int = 0) -> jax.Array:
   """``table``'s entry ``number`` along ``axis`` (the axis removed).
 
@@ -62,11 +76,17 @@ def leaf_piece(vector: jax.Array, starts: np.ndarray, number: jax.Array,
                shape) -> jax.Array:
   """``vector[starts[number]:][:size]`` reshaped to ``shape`` (see at_leaf).
 
-  ``starts`` is a static table indexed by leaf number.
+  ``starts`` is a table indexed by leaf number.
   """
-  start = at_leaf(jnp.asarray(starts, jnp.uint32), number)
+  return _leaf_piece(vector, np.asarray(starts, np.uint32), number,
+                     tuple(shape))
+
+
+@traced_once(static_argnames=("shape",))
+def _leaf_piece(vector, starts, number, shape):
   size = int(np.prod(shape, dtype=np.int64))
-  return lax.dynamic_slice_in_dim(vector, start, size).reshape(shape)
+  return lax.dynamic_slice_in_dim(
+      vector, at_leaf(starts, number), size).reshape(shape)
 
 
 def _single_cpu_device() -> bool:

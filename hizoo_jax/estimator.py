@@ -9,6 +9,7 @@ curvature estimate ``H`` kept in the state (:mod:`hizoo_jax.curvature`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -247,7 +248,9 @@ def _zo_estimator(
     draws = noise.Draws(z=z, zero=zero, seeds=seeds,
                         active=probe if final is None else probe & final)
 
-    scale = rule.inv_sqrt(hess, numbers) if with_curvature else None
+    @functools.cache
+    def scale():  # H^{-1/2}, traced only if a shift is taken.
+      return rule.inv_sqrt(hess, numbers)
 
     def shift(tree, coeff, query):
       out = treedef.flatten_up_to(tree)
@@ -255,7 +258,7 @@ def _zo_estimator(
         if keep:
           step = (coeff * mu_t) * z(i, query)
           if with_curvature:
-            step = step * scale[i]
+            step = step * scale()[i]
           dtype = jnp.promote_types(out[i].dtype, jnp.float32)
           out[i] = (out[i].astype(dtype) + step).astype(out[i].dtype)
       return treedef.unflatten(out)

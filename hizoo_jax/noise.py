@@ -165,6 +165,7 @@ def uniform(bits: jax.Array) -> jax.Array:
   return ((bits >> 9).astype(jnp.float32) + 0.5) * np.float32(2.0**-23)
 
 
+@_xla.traced_once(static_argnames=("shape", "dtype", "sharding"))
 def gaussian(seed: jax.Array, shape, dtype=jnp.float32,
              sharding=None) -> jax.Array:
   """Standard noise of ``shape`` (see the module docstring) from a seed.

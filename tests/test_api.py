@@ -52,8 +52,8 @@ def test_chains_jit_reduce_loss_without_recompiling(make):
 def test_state_is_chain_tuple_with_estimator_first():
   state = hz.hizoo(1e-3).init(params_tree())
   assert isinstance(state, tuple) and isinstance(state[0], hz.ZOState)
-  for name in ("count", "rng_key", "hessian", "loss", "loss_plus", "loss_minus",
-               "projected_grad", "skipped"):
+  for name in ("count", "rng_key", "leaf_numbers", "hessian", "loss",
+               "loss_plus", "loss_minus", "projected_grad", "skipped"):
     assert hasattr(state[0], name)
 
 
