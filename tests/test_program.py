@@ -166,7 +166,7 @@ def test_program_grows_per_leaf_at_a_bounded_rate(one_device, monkeypatch):
   leaf (~80 with the move and the update: moves, restore and update are one
   expression in the loop): MeZO 97 per leaf, 12x the forward's growth.
   HiZOO's sums of z^2 are one loop for all leaves and its rule one vector
-  (hizoo_jax.range_sums; 127 per leaf, 16x; HiZOO-L 201). On a mesh HiZOO
+  (hizoo_jax.range_sums; 127 per leaf, 16x; HiZOO-L 171). On a mesh HiZOO
   sums leaf by leaf, each sum sharded like its leaf (281 per leaf, 35x).
   Those copies are alike, and XLA compiles each distinct kernel once.
   Stacked layers do not pay per leaf at all (test above).
