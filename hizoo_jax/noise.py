@@ -57,17 +57,13 @@ def _u32(x):
   return jnp.asarray(x).astype(jnp.uint32)
 
 
-# The generator is written in lax: it is traced once per leaf and draw, and
-# each jnp operator costs several times a lax call in Python.
-def _xorshift(x: jax.Array, bits: int) -> jax.Array:
-  return lax.bitwise_xor(x, lax.shift_right_logical(x, np.uint32(bits)))
-
-
 def mix32(x: jax.Array) -> jax.Array:
   """A bijective 32-bit integer hash with good avalanche (elementwise)."""
-  x = lax.mul(_xorshift(jnp.asarray(x, jnp.uint32), 16), np.uint32(0x7FEB352D))
-  x = lax.mul(_xorshift(x, 15), np.uint32(0x846CA68B))
-  return _xorshift(x, 16)
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
 
 
 def _combine(h: jax.Array, v: jax.Array) -> jax.Array:
@@ -130,9 +126,9 @@ def _flat_index(shape, sharding=None) -> jax.Array:
   index = jnp.zeros(shape, jnp.uint32, out_sharding=sharding)
   stride = 1
   for axis in reversed(range(len(shape))):
-    index = lax.add(index, lax.mul(
-        lax.broadcasted_iota(jnp.uint32, shape, axis, out_sharding=sharding),
-        np.uint32(stride % _MAX_ELEMENTS)))
+    index = index + lax.broadcasted_iota(
+        jnp.uint32, shape, axis, out_sharding=sharding) * jnp.uint32(
+            stride % _MAX_ELEMENTS)
     stride *= shape[axis]
   return index
 
@@ -156,8 +152,7 @@ def bits_at(seed_0, seed_1, index: jax.Array) -> jax.Array:
   The seed words broadcast against ``index``: one leaf's seed, or a seed per
   element when elements of several leaves are drawn together.
   """
-  index, seed_0, seed_1 = jnp.broadcast_arrays(index, seed_0, seed_1)
-  return mix32(lax.add(mix32(lax.bitwise_xor(index, seed_0)), seed_1))
+  return mix32(mix32(index ^ seed_0) + seed_1)
 
 
 def uniform(bits: jax.Array) -> jax.Array:
@@ -186,15 +181,10 @@ def gaussian(seed: jax.Array, shape, dtype=jnp.float32,
 
 def standard(bits: jax.Array) -> jax.Array:
   """z (float32) from its 32 hash bits (see the module docstring)."""
-  def as_float(x):
-    return lax.convert_element_type(x, jnp.float32)
-  coins = as_float(lax.population_count(
-      lax.shift_right_logical(bits, np.uint32(8))))
-  dither = lax.mul(as_float(lax.bitwise_and(bits, np.uint32(0xFF))),
-                   np.float32(1 / 256))
-  centred = lax.add(lax.add(coins, dither),
-                    np.float32(1 / 512 - 1 / 2 - _COINS / 2))
-  return lax.mul(centred, np.float32(1 / np.sqrt(_VARIANCE)))
+  coins = lax.population_count(bits >> 8).astype(jnp.float32)
+  dither = (bits & np.uint32(0xFF)).astype(jnp.float32) * np.float32(1 / 256)
+  centred = coins + dither + np.float32(1 / 512 - 1 / 2 - _COINS / 2)
+  return centred * np.float32(1 / np.sqrt(_VARIANCE))
 
 
 def zero_after(x: jax.Array) -> jax.Array:
