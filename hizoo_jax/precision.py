@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from hizoo_jax import _checks
@@ -202,13 +203,22 @@ def stochastic_rounding(inner) -> optax.GradientTransformationExtraArgs:
       return inner_updates, new_state
     zo = _estimator.find_state(new_state)
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    hashes = np.array([noise.path_hash(p) for p, _ in paths_leaves], np.uint32)
+    seeds = _xla.computed_once(
+        noise.leaf_seed(zo.rng_key, zo.count, _ROUNDING_QUERY, hashes),
+        (zo.count >> 31).astype(jnp.uint32))
+    try:  # Read at the leaves' numbers: same-shaped leaves share a kernel.
+      numbers = treedef.flatten_up_to(zo.leaf_numbers)
+    except (ValueError, TypeError):  # The estimator sees fewer leaves.
+      numbers = list(range(len(paths_leaves)))
     out = []
-    for (path, x), u in zip(paths_leaves, treedef.flatten_up_to(inner_updates)):
+    for (x, u), number in zip(zip(treedef.flatten_up_to(params),
+                                  treedef.flatten_up_to(inner_updates)),
+                              numbers):
       if not is_low_precision(x):
         out.append(u)
         continue
-      seed = noise.leaf_seed(zo.rng_key, zo.count, _ROUNDING_QUERY,
-                             noise.path_hash(path))
+      seed = _xla.at_leaf(seeds, number)
       r = noise.uniform(noise.random_bits(seed, jnp.shape(x),
                                           noise.explicit_sharding(x)))
       x32 = x.astype(jnp.float32)
