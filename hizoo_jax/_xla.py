@@ -1,6 +1,7 @@
 """Workarounds for the XLA compiler, each with its reason.
 
 The lean step's compiler options are :func:`step_compiler_options`.
+:func:`traced_once` traces a per-leaf computation once per shape.
 :func:`at_leaf` and :func:`leaf_piece` read a leaf's entry of a shared
 vector at the leaf's number given as data (see their docstrings). The
 reductions below are written so that XLA:CPU computes their operand as it
