@@ -26,6 +26,9 @@ from hizoo_jax import noise
 from hizoo_jax import range_sums
 
 ScalarOrSchedule = float | jax.Array | optax.Schedule
+_OTHER_STRUCTURE = (
+    "params do not have the structure the optimizer state was initialised "
+    "with.")
 
 
 class ZOState(NamedTuple):
@@ -188,9 +191,7 @@ def _zo_estimator(
     try:
       hess = rule.split(state.hessian, treedef)
     except (ValueError, TypeError) as e:
-      raise ValueError(
-          "params do not have the structure the optimizer state was "
-          "initialised with.") from e
+      raise ValueError(_OTHER_STRUCTURE) from e
     for h, x, path, keep in zip(hess, leaves, paths, trainable):
       if keep != (h is not None):
         raise ValueError(
@@ -209,9 +210,7 @@ def _zo_estimator(
     try:
       return treedef.flatten_up_to(state.leaf_numbers)
     except (ValueError, TypeError) as e:
-      raise ValueError(
-          "params do not have the structure the optimizer state was "
-          "initialised with.") from e
+      raise ValueError(_OTHER_STRUCTURE) from e
 
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
     del updates  # Zeroth order: the incoming updates are not used.

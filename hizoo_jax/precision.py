@@ -207,10 +207,9 @@ def stochastic_rounding(inner) -> optax.GradientTransformationExtraArgs:
     seeds = _xla.computed_once(
         noise.leaf_seed(zo.rng_key, zo.count, _ROUNDING_QUERY, hashes),
         (zo.count >> 31).astype(jnp.uint32))
-    try:  # Read at the leaves' numbers: same-shaped leaves share a kernel.
-      numbers = treedef.flatten_up_to(zo.leaf_numbers)
-    except (ValueError, TypeError):  # The estimator sees fewer leaves.
-      numbers = list(range(len(paths_leaves)))
+    # Read at the leaves' numbers: same-shaped leaves share a kernel. (The
+    # estimator saw these params and checked that its numbers fit them.)
+    numbers = treedef.flatten_up_to(zo.leaf_numbers)
     out = []
     for (x, u), number in zip(zip(treedef.flatten_up_to(params),
                                   treedef.flatten_up_to(inner_updates)),
