@@ -21,6 +21,7 @@ from hizoo_jax import _checks
 from hizoo_jax import _xla
 from hizoo_jax import curvature
 from hizoo_jax import evaluation
+from hizoo_jax import leaf_draws
 from hizoo_jax import rules
 from hizoo_jax import noise
 from hizoo_jax import range_sums
@@ -229,22 +230,14 @@ def _zo_estimator(
         state.rng_key, state.count,
         jnp.arange(num_queries, dtype=jnp.uint32)[:, None], hashes), zero)
 
-    def z(i, query, order=None):
-      seed = _xla.at_leaf(seeds, numbers[i], axis=1)[query]
-      if order is not None:
-        seed = seed ^ draws.salt(order)
-      z_i = noise.gaussian(seed, jnp.shape(leaves[i]),
-                           sharding=noise.explicit_sharding(leaves[i]))
-      if order is None:
-        return z_i
-      return _xla.computed_like(z_i, leaves[i], draws.salt(order))
-
+    draw = leaf_draws.leaf_draws(seeds, numbers, leaves, trainable, zero)
     # Inside hz.make_train_step's loop this update runs on every phase and
     # is kept on the last (zo_final): its draws then share the moves' fusion.
     final = extra_args.get("zo_final")
     # The curvature's sums of z are needed only where H moves and the result
     # is kept.
-    draws = noise.Draws(z=z, zero=zero, seeds=seeds,
+    draws = noise.Draws(z=lambda i, j, order=None: draw(j)(i, order),
+                        zero=zero, seeds=seeds,
                         active=probe if final is None else probe & final)
 
     @functools.cache
@@ -253,9 +246,10 @@ def _zo_estimator(
 
     def shift(tree, coeff, query):
       out = treedef.flatten_up_to(tree)
+      z = draw(query)
       for i, keep in enumerate(trainable):
         if keep:
-          step = (coeff * mu_t) * z(i, query)
+          step = (coeff * mu_t) * z(i)
           if with_curvature:
             step = step * scale()[i]
           dtype = jnp.promote_types(out[i].dtype, jnp.float32)
@@ -296,6 +290,7 @@ def _zo_estimator(
           [jnp.shape(x) for x in leaves], rate, measured, numbers)
 
     new_scale = rule.inv_sqrt(new_hess, numbers) if with_curvature else None
+    z = [draw(j) for j in range(num_queries)]
     out = []
     for i, (x, keep) in enumerate(zip(leaves, trainable)):
       if not keep:
@@ -306,7 +301,7 @@ def _zo_estimator(
       after = None
       if with_curvature and final is None:
         after = rule.last_array(new_hess[i])
-      direction = sum(grad_used[j] * z(i, j, after)
+      direction = sum(grad_used[j] * z[j](i, after)
                       for j in range(num_queries))
       direction = direction / num_queries
       if with_curvature:

@@ -134,16 +134,20 @@ def _flat_index(shape, sharding=None) -> jax.Array:
 
 
 def random_bits(seed: jax.Array, shape, sharding=None) -> jax.Array:
-  """32 hash bits (uint32) per element of ``shape`` from a (2,) ``seed``.
+  """32 hash bits (uint32) per element of ``shape`` from a (..., 2) ``seed``.
 
-  ``shape`` may hold at most 2**32 elements; ``sharding`` as in
-  :func:`gaussian`.
+  A (2,) seed gives an array of ``shape``; seeds of shape (n, 2) give n
+  leaves of one shape at once, shape (n, *shape), each row equal bit for bit
+  to its own seed's draw. ``shape`` may hold at most 2**32 elements;
+  ``sharding`` as in :func:`gaussian`.
   """
   if int(np.prod(shape, dtype=np.int64)) > _MAX_ELEMENTS:
     raise ValueError(
         f"a leaf of shape {tuple(shape)} has more than 2**32 elements; the "
         "noise generator indexes elements with 32 bits. Split the leaf.")
-  return bits_at(seed[0], seed[1], _flat_index(shape, sharding))
+  lead = jnp.shape(seed)[:-1] + (1,) * len(shape)
+  return bits_at(seed[..., 0].reshape(lead), seed[..., 1].reshape(lead),
+                 _flat_index(shape, sharding))
 
 
 def bits_at(seed_0, seed_1, index: jax.Array) -> jax.Array:
@@ -166,14 +170,16 @@ def gaussian(seed: jax.Array, shape, dtype=jnp.float32,
   """Standard noise of ``shape`` (see the module docstring) from a seed.
 
   Args:
-    seed: (2,) uint32, the leaf's seed from :func:`leaf_seed`.
+    seed: (2,) uint32, the leaf's seed from :func:`leaf_seed`; or (n, 2),
+      the seeds of n leaves of one shape, drawn as one (n, *shape) array
+      (see :func:`random_bits`).
     shape: the leaf's shape; at most 2**32 elements.
     dtype: floating dtype of the result (computed in float32).
     sharding: the parameter's sharding over Explicit mesh axes (see
       :func:`explicit_sharding`), or None.
 
   Returns:
-    An array of ``shape`` whose entries are i.i.d. (to hash quality), mean 0,
+    An array of ``shape`` (or (n, *shape)) whose entries are i.i.d. (to hash quality), mean 0,
     variance 1, nearly normal (E[z^4] = :data:`FOURTH_MOMENT`).
   """
   return standard(random_bits(seed, shape, sharding)).astype(dtype)
@@ -238,9 +244,15 @@ class Draws(NamedTuple):
 
   def salt(self, order) -> jax.Array:
     """A uint32 zero: distinct per int ``order``, or after an array."""
-    if isinstance(order, int):
-      return self.zero * jnp.uint32(order + 1)
-    order = jnp.asarray(order)
-    if jnp.issubdtype(order.dtype, jnp.unsignedinteger):
-      return order.astype(jnp.uint32)
-    return zero_after(order)
+    return salt(self.zero, order)
+
+
+def salt(zero: jax.Array, order) -> jax.Array:
+  """A uint32 zero from ``zero`` (a 0 XLA cannot prove): distinct per int
+  ``order`` (a consumer number), or computed after the array ``order``."""
+  if isinstance(order, int):
+    return zero * jnp.uint32(order + 1)
+  order = jnp.asarray(order)
+  if jnp.issubdtype(order.dtype, jnp.unsignedinteger):
+    return order.astype(jnp.uint32)
+  return zero_after(order)

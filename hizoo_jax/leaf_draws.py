@@ -1,0 +1,110 @@
+"""Every trainable leaf's z at one query of a step.
+
+z of leaf i at query j is ``noise.gaussian(seeds[j, i], shape_i)``: an
+elementwise function of the element's index, recomputed in every fusion that
+reads it and never stored (:mod:`hizoo_jax.noise`). The price is one copy of
+the generator in the program per leaf and use, and a transformer's biases
+and norm scales are most of its leaves (OPT: 10 of 16 per layer) while
+holding a sliver of its parameters. So the smallest leaves, together at most
+``1 / SMALL_SHARE`` of the trainable elements, are drawn by shape: all of one
+shape as one (n, *shape) array (one generator copy), stored, and read row by
+row. Each row is the leaf's own draw bit for bit: results do not change,
+only the program (``docs/performance.md``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hizoo_jax import _xla
+from hizoo_jax import noise
+
+# Small leaves hold at most this fraction of the trainable elements; their
+# stored draws are the step's only temporaries that grow with the model.
+SMALL_SHARE = 128
+
+
+def _replicated(x) -> bool:
+  """Whether ``x`` lies on no Explicit mesh axis (a shared draw fits it)."""
+  sharding = noise.explicit_sharding(x)
+  return sharding is None or all(s is None for s in sharding.spec)
+
+
+def small_groups(leaves: Sequence, trainable: Sequence[bool]
+                 ) -> list[tuple[int, ...]]:
+  """The leaves drawn together: tuples (of two or more) of leaf positions.
+
+  The smallest trainable leaves, together at most ``1 / SMALL_SHARE`` of the
+  trainable elements, grouped by shape; leaves sharded over Explicit mesh
+  axes are drawn on their own, sharded like the leaf.
+  """
+  live = [i for i, keep in enumerate(trainable) if keep]
+  sizes = {i: int(np.prod(jnp.shape(leaves[i]), dtype=np.int64))
+           for i in live}
+  budget, used = sum(sizes.values()) // SMALL_SHARE, 0
+  by_shape: dict[tuple, list[int]] = {}
+  for i in sorted(live, key=lambda i: sizes[i]):
+    used += sizes[i]
+    if used > budget:
+      break
+    if _replicated(leaves[i]):
+      by_shape.setdefault(tuple(jnp.shape(leaves[i])), []).append(i)
+  return [tuple(sorted(g)) for g in by_shape.values() if len(g) > 1]
+
+
+def leaf_draws(seeds: jax.Array, numbers: Sequence[jax.Array],
+               leaves: Sequence, trainable: Sequence[bool], zero: jax.Array
+               ) -> Callable[..., Callable[..., jax.Array]]:
+  """``draw(query)`` returning ``z(i, order=None)``, leaf i's z at ``query``.
+
+  Args:
+    seeds: (q, leaves, 2) uint32, every leaf's seed for every query
+      (:func:`hizoo_jax.noise.leaf_seed`).
+    numbers: per leaf, its position as a runtime uint32 scalar (read with
+      :func:`hizoo_jax._xla.at_leaf`, so same-shaped leaves share kernels).
+    leaves: the parameters' leaves (shapes and shardings are read).
+    trainable: per leaf, whether it is perturbed.
+    zero: a uint32 0 that XLA cannot prove (see :func:`noise.salt`).
+
+  Returns:
+    ``draw``: ``draw(query)`` (an int or a traced index) gives ``z``.
+    ``z(i, order)`` salts leaf i's own draw with ``order`` (see
+    :meth:`hizoo_jax.noise.Draws.salt`) so that XLA neither merges it with
+    another draw nor stores it; small leaves read their group's stored draw
+    instead, made once per ``draw(query)``.
+  """
+  groups = small_groups(leaves, trainable)
+  row_of = {i: (g, r) for g, members in enumerate(groups)
+            for r, i in enumerate(members)}
+
+  def draw(query):
+    stored = {}
+
+    def together(g):
+      if g not in stored:
+        rows = np.asarray(groups[g])
+        z = noise.gaussian(seeds[query][rows], jnp.shape(leaves[rows[0]]))
+        # Stored once: else XLA would copy the generator into each reader.
+        stored[g] = _xla.computed_once(z, zero)
+      return stored[g]
+
+    def z(i, order=None):
+      if i in row_of:
+        g, r = row_of[i]
+        return together(g)[r]
+      seed = _xla.at_leaf(seeds, numbers[i], axis=1)[query]
+      if order is not None:
+        seed = seed ^ noise.salt(zero, order)
+      z_i = noise.gaussian(seed, jnp.shape(leaves[i]),
+                           sharding=noise.explicit_sharding(leaves[i]))
+      if order is None:
+        return z_i
+      return _xla.computed_like(z_i, leaves[i], noise.salt(zero, order))
+
+    return z
+
+  return draw
