@@ -57,7 +57,8 @@ def small_groups(leaves: Sequence, trainable: Sequence[bool]
 
 
 def leaf_draws(seeds: jax.Array, numbers: Sequence[jax.Array],
-               leaves: Sequence, trainable: Sequence[bool], zero: jax.Array
+               leaves: Sequence, trainable: Sequence[bool], zero: jax.Array,
+               sample: Callable[..., jax.Array] = noise.gaussian,
                ) -> Callable[..., Callable[..., jax.Array]]:
   """``draw(query)`` returning ``z(i, order=None)``, leaf i's z at ``query``.
 
@@ -69,6 +70,8 @@ def leaf_draws(seeds: jax.Array, numbers: Sequence[jax.Array],
     leaves: the parameters' leaves (shapes and shardings are read).
     trainable: per leaf, whether it is perturbed.
     zero: a uint32 0 that XLA cannot prove (see :func:`noise.salt`).
+    sample: ``sample(seed, shape, sharding=...)``, the draw from a (2,) or
+      (n, 2) seed (:func:`hizoo_jax.noise.gaussian`, the default, gives z).
 
   Returns:
     ``draw``: ``draw(query)`` (an int or a traced index) gives ``z``.
@@ -87,7 +90,7 @@ def leaf_draws(seeds: jax.Array, numbers: Sequence[jax.Array],
     def together(g):
       if g not in stored:
         rows = np.asarray(groups[g])
-        z = noise.gaussian(seeds[query][rows], jnp.shape(leaves[rows[0]]))
+        z = sample(seeds[query][rows], jnp.shape(leaves[rows[0]]))
         # Stored once: else XLA would copy the generator into each reader.
         stored[g] = _xla.computed_once(z, zero)
       return stored[g]
@@ -99,8 +102,8 @@ def leaf_draws(seeds: jax.Array, numbers: Sequence[jax.Array],
       seed = _xla.at_leaf(seeds, numbers[i], axis=1)[query]
       if order is not None:
         seed = seed ^ noise.salt(zero, order)
-      z_i = noise.gaussian(seed, jnp.shape(leaves[i]),
-                           sharding=noise.explicit_sharding(leaves[i]))
+      z_i = sample(seed, jnp.shape(leaves[i]),
+                   sharding=noise.explicit_sharding(leaves[i]))
       if order is None:
         return z_i
       return _xla.computed_like(z_i, leaves[i], noise.salt(zero, order))

@@ -31,6 +31,7 @@ import optax
 from hizoo_jax import _checks
 from hizoo_jax import _xla
 from hizoo_jax import estimator as _estimator
+from hizoo_jax import leaf_draws
 from hizoo_jax import noise
 
 # Salt for the rounding noise's query index: unlike any num_queries in use,
@@ -166,6 +167,10 @@ def round_stochastic(x: jax.Array, dtype, u: jax.Array) -> jax.Array:
   return jnp.where(u * spacing < jnp.abs(gap), far, near)
 
 
+def _uniform(seed, shape, sharding=None):
+  return noise.uniform(noise.random_bits(seed, shape, sharding))
+
+
 def stochastic_rounding(inner) -> optax.GradientTransformationExtraArgs:
   """Applies ``inner``'s updates to bf16/fp16 leaves with stochastic rounding.
 
@@ -204,24 +209,24 @@ def stochastic_rounding(inner) -> optax.GradientTransformationExtraArgs:
     zo = _estimator.find_state(new_state)
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     hashes = np.array([noise.path_hash(p) for p, _ in paths_leaves], np.uint32)
+    zero = (zo.count >> 31).astype(jnp.uint32)  # 0; XLA cannot prove it.
     seeds = _xla.computed_once(
-        noise.leaf_seed(zo.rng_key, zo.count, _ROUNDING_QUERY, hashes),
-        (zo.count >> 31).astype(jnp.uint32))
+        noise.leaf_seed(zo.rng_key, zo.count, _ROUNDING_QUERY, hashes), zero)
     # Read at the leaves' numbers: same-shaped leaves share a kernel. (The
     # estimator saw these params and checked that its numbers fit them.)
-    numbers = treedef.flatten_up_to(zo.leaf_numbers)
+    leaves = treedef.flatten_up_to(params)
+    low = [is_low_precision(x) for x in leaves]
+    uniform = leaf_draws.leaf_draws(
+        seeds[None], treedef.flatten_up_to(zo.leaf_numbers), leaves, low,
+        zero, sample=_uniform)(0)
     out = []
-    for (x, u), number in zip(zip(treedef.flatten_up_to(params),
-                                  treedef.flatten_up_to(inner_updates)),
-                              numbers):
-      if not is_low_precision(x):
+    for i, (x, u) in enumerate(zip(leaves, treedef.flatten_up_to(
+        inner_updates))):
+      if not low[i]:
         out.append(u)
         continue
-      seed = _xla.at_leaf(seeds, number)
-      r = noise.uniform(noise.random_bits(seed, jnp.shape(x),
-                                          noise.explicit_sharding(x)))
       x32 = x.astype(jnp.float32)
-      new = round_stochastic(x32 + u.astype(jnp.float32), x.dtype, r)
+      new = round_stochastic(x32 + u.astype(jnp.float32), x.dtype, uniform(i))
       out.append((new.astype(jnp.float32) - x32).astype(x.dtype))
     return treedef.unflatten(out), new_state
 
