@@ -164,10 +164,9 @@ def computed_once(value, zero: jax.Array):
   """
   def stored(x):
     x = jnp.asarray(x)
-    as_int = x.dtype == jnp.bool_
-    x = x.astype(jnp.int32) if as_int else x
     first = lax.broadcasted_iota(jnp.uint32, (2,) + x.shape, 0) == zero
-    out = jnp.sum(jnp.where(first, x[None], jnp.zeros_like(x)[None]), axis=0,
-                  dtype=x.dtype)
-    return out.astype(jnp.bool_) if as_int else out
+    masked = jnp.where(first, x[None], jnp.zeros_like(x)[None])
+    if x.dtype == jnp.bool_:  # kept a bool: readers need no comparison
+      return jnp.any(masked, axis=0)
+    return jnp.sum(masked, axis=0, dtype=x.dtype)
   return jax.tree.map(stored, value)

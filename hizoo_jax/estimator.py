@@ -236,7 +236,7 @@ def _zo_estimator(
     final = extra_args.get("zo_final")
     # The curvature's sums of z are needed only where H moves and the result
     # is kept.
-    draws = noise.Draws(z=lambda i, j, order=None: draw(j)(i, order),
+    draws = noise.Draws(z=lambda i, j, order=None: draw.at(j)(i, order),
                         zero=zero, seeds=seeds,
                         active=probe if final is None else probe & final)
 
@@ -245,15 +245,16 @@ def _zo_estimator(
       return rule.inv_sqrt(hess, numbers)
 
     def shift(tree, coeff, query):
+      def step(zs, which):
+        out = (coeff * mu_t) * zs[0]
+        if with_curvature:
+          out = out * scale()(which)
+        return out
       out = treedef.flatten_up_to(tree)
-      z = draw(query)
-      for i, keep in enumerate(trainable):
-        if keep:
-          step = (coeff * mu_t) * z(i)
-          if with_curvature:
-            step = step * scale()[i]
+      for i, delta in enumerate(draw.values(step, [query])):
+        if delta is not None:
           dtype = jnp.promote_types(out[i].dtype, jnp.float32)
-          out[i] = (out[i].astype(dtype) + step).astype(out[i].dtype)
+          out[i] = (out[i].astype(dtype) + delta).astype(out[i].dtype)
       return treedef.unflatten(out)
 
     zo_probe = extra_args.get("zo_probe")
@@ -285,28 +286,25 @@ def _zo_estimator(
       # losses are within a factor 2, unlike l+ + l- - 2 l0.
       second = jnp.where(measured, (plus - center) + (minus - center), 0.0)
       second = (second / (2 * mu_t**2)).astype(jnp.float32)  # (q,)
-      new_hess, new_stats = rule.update(
+      new_hess, new_stats, new_scale = rule.update(
           hess, state.curvature_stats, second, draws,
           [jnp.shape(x) for x in leaves], rate, measured, numbers)
 
-    new_scale = rule.inv_sqrt(new_hess, numbers) if with_curvature else None
-    z = [draw(j) for j in range(num_queries)]
-    out = []
-    for i, (x, keep) in enumerate(zip(leaves, trainable)):
-      if not keep:
-        out.append(jnp.zeros_like(x))
-        continue
-      # Salted after the new H, the draw is never merged with the moves'
-      # draws (XLA would store z), unless they share a fusion (zo_final).
-      after = None
-      if with_curvature and final is None:
-        after = rule.last_array(new_hess[i])
-      direction = sum(grad_used[j] * z[j](i, after)
-                      for j in range(num_queries))
-      direction = direction / num_queries
+    def direction(zs, which):
+      out = sum(grad_used[j] * zs[j] for j in range(num_queries))
+      out = out / num_queries
       if with_curvature:
-        direction = direction * new_scale[i]
-      out.append(direction.astype(x.dtype))
+        out = out * new_scale(which)
+      return out
+
+    # Salted after the new H, the draw is never merged with the moves'
+    # draws (XLA would store z), unless they share a fusion (zo_final).
+    after = None
+    if with_curvature and final is None:
+      after = lambda i: rule.last_array(new_hess[i])
+    directions = draw.values(direction, range(num_queries), after)
+    out = [jnp.zeros_like(x) if d is None else d.astype(x.dtype)
+           for x, d in zip(leaves, directions)]
 
     plus_mean, minus_mean = jnp.mean(plus), jnp.mean(minus)
     side_mean = (plus_mean + minus_mean) / 2

@@ -162,18 +162,66 @@ def _joinable(f: jax.Array) -> bool:
   return all(s is None for s in sharding.spec)
 
 
-def _split(vector: jax.Array, keys: list, hess: list, numbers: list) -> dict:
-  """``vector`` cut into the factors ``keys`` ((leaf, factor) pairs, in
-  order) of ``hess``, each read at its leaf's number (_xla.leaf_piece)."""
+def _starts(keys: list, hess: list) -> np.ndarray:
+  """(leaves, factors) uint32: where each factor of ``keys`` ((leaf, factor)
+  pairs, in order) starts when they are laid end to end."""
   starts = np.zeros((len(hess), max(len(hess[i]) for i, _ in keys)), np.uint32)
   starts[tuple(zip(*keys))] = np.cumsum([0] + [hess[i][k].size
                                                for i, k in keys])[:-1]
+  return starts
+
+
+def _split(vector: jax.Array, keys: list, hess: list, numbers: list) -> dict:
+  """``vector`` cut into the factors ``keys`` ((leaf, factor) pairs, in
+  order) of ``hess``, each read at its leaf's number (_xla.leaf_piece)."""
+  starts = _starts(keys, hess)
   return {(i, k): _xla.leaf_piece(vector, starts[:, k], numbers[i],
                                   hess[i][k].shape) for i, k in keys}
 
 
-def inv_sqrt(hess: list, numbers: list) -> list:
-  """Per leaf, H^{-1/2} broadcastable to it (None where a leaf is frozen).
+def _reader(vector, keys: list, alone: dict, hess: list, numbers: list):
+  """``read(which)``: the product of a leaf's factors, or of a tuple of
+  same-shaped leaves' factors stacked (rows in the order of ``which``).
+
+  The factors ``keys`` are read from ``vector`` (laid end to end): a leaf's
+  at its number (_xla.leaf_piece), a tuple's with one gather. Where each
+  leaf's piece was read on its own and stacked, every piece was a kernel of
+  its own. The other factors are in ``alone``, by (leaf, factor).
+  """
+  starts = _starts(keys, hess) if keys else None
+  in_vector = set(keys)
+
+  def factor(i, k):
+    if (i, k) in in_vector:
+      return _xla.leaf_piece(vector, starts[:, k], numbers[i],
+                             hess[i][k].shape)
+    return alone[i, k]
+
+  def stacked(rows, k):
+    shape = hess[rows[0]][k].shape
+    if all((i, k) in in_vector for i in rows):
+      # Positions for numbers: a tuple's factors are read together, once.
+      index = starts[list(rows), k][:, None] + np.arange(
+          int(np.prod(shape)), dtype=np.uint32)
+      return vector[index].reshape((len(rows),) + shape)
+    return jnp.stack([factor(i, k) for i in rows])
+
+  def read(which):
+    if isinstance(which, tuple):
+      parts = [stacked(which, k) for k in range(len(hess[which[0]]))]
+    else:
+      parts = [factor(which, k) for k in range(len(hess[which]))]
+    out = parts[0]
+    for part in parts[1:]:
+      out = out * part
+    return out
+
+  return read
+
+
+def inv_sqrt(hess: list, numbers: list):
+  """``read(which)``: H^{-1/2} of leaf ``which`` (an int), broadcastable to
+  it, or of the same-shaped leaves ``which`` (a tuple), stacked.
 
   One ``rsqrt`` of all factors as a vector (on a mesh, see _joinable): leaf by
   leaf, each ``rsqrt`` of a few numbers was a kernel of its own (XLA does
@@ -183,15 +231,13 @@ def inv_sqrt(hess: list, numbers: list) -> list:
   factors = [(i, k) for i, h in enumerate(hess) if h is not None
              for k in range(len(h))]
   joined = [(i, k) for i, k in factors if _joinable(hess[i][k])]
-  roots = {}
+  roots = None
   if joined:
-    roots = _split(lax.rsqrt(jnp.concatenate(
-        [hess[i][k].reshape(-1) for i, k in joined])), joined, hess, numbers)
-  out = [None] * len(hess)
-  for i, k in factors:
-    root = roots[i, k] if (i, k) in roots else lax.rsqrt(hess[i][k])
-    out[i] = root if k == 0 else out[i] * root
-  return out
+    roots = lax.rsqrt(jnp.concatenate(
+        [hess[i][k].reshape(-1) for i, k in joined]))
+  alone = {(i, k): lax.rsqrt(hess[i][k]) for i, k in factors
+           if (i, k) not in joined}
+  return _reader(roots, joined, alone, hess, numbers)
 
 
 def shapes_fit(h: tuple, shape) -> bool:
@@ -269,7 +315,8 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
     numbers: the leaves' numbers (:func:`hizoo_jax._xla.at_leaf`).
 
   Returns:
-    ``(new hess list, new stats)``.
+    ``(new hess list, new stats, read)``, ``read`` H^{-1/2} of the new H as
+    from :func:`inv_sqrt`.
   """
   num_queries = second.shape[0]
   live = [i for i, h in enumerate(hess) if h is not None]
@@ -366,6 +413,11 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
   for i in live:
     new_hess[i] = tuple(new[i, k].astype(f.dtype)
                         for k, f in enumerate(hess[i]))
+  # H^{-1/2} from the joined vector: re-joined from the pieces, every piece
+  # would be read twice (here and into the state) and kept apart.
+  new_inv_sqrt = _reader(
+      lax.rsqrt(h) if joined else None, joined,
+      {(i, k): lax.rsqrt(new_hess[i][k]) for i, k in apart}, hess, numbers)
 
   # Running means: plain averages for the first 1 / STATS_RATE samples.
   q_mean = jnp.mean(second)
@@ -377,4 +429,4 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
       baseline=jnp.where(probe, b_new, b).astype(jnp.float32),
       spread=jnp.where(probe, v_new, v).astype(jnp.float32),
       probes=t + probe.astype(jnp.int32))
-  return new_hess, new_stats
+  return new_hess, new_stats, new_inv_sqrt

@@ -14,7 +14,7 @@ only the program (``docs/performance.md``).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,11 +56,44 @@ def small_groups(leaves: Sequence, trainable: Sequence[bool]
   return [tuple(sorted(g)) for g in by_shape.values() if len(g) > 1]
 
 
+def pick(values: Sequence, which) -> jax.Array:
+  """``values[which]`` for a leaf, or its rows stacked for a group of leaves.
+
+  For the ``fn`` of :class:`LeafDraws` ``values``: per-leaf arrays (such
+  as H^{-1/2}) broadcast against z either way.
+  """
+  if isinstance(which, tuple):
+    return jnp.stack([values[i] for i in which])
+  return values[which]
+
+
+class LeafDraws(NamedTuple):
+  """The step's z, leaf by leaf (see :func:`leaf_draws`).
+
+  ``at(query)`` gives ``z(i, order=None)``: leaf i's z at ``query`` (an int
+  or a traced index). ``order`` salts leaf i's own draw (see
+  :func:`hizoo_jax.noise.salt`) so that XLA neither merges it with another
+  draw nor stores it; a small leaf reads its group's stored draw instead.
+
+  ``values(fn, queries, order=None)`` gives, per leaf (None where frozen),
+  ``fn(zs, which)``: ``zs`` the leaf's z at each of ``queries`` and
+  ``which`` its position; ``order(i)`` salts the draws. For a group of small
+  leaves ``fn`` runs once, with ``zs`` of shape (n, *shape) and ``which``
+  the tuple of their positions, so it must act row by row (read per-leaf
+  values with :func:`pick`); the result is stored and each leaf reads its
+  row. Leaf by leaf, each small leaf's reader would hold the whole
+  expression again.
+  """
+
+  at: Callable[..., Callable[..., jax.Array]]
+  values: Callable[..., list]
+
+
 def leaf_draws(seeds: jax.Array, numbers: Sequence[jax.Array],
                leaves: Sequence, trainable: Sequence[bool], zero: jax.Array,
                sample: Callable[..., jax.Array] = noise.gaussian,
-               ) -> Callable[..., Callable[..., jax.Array]]:
-  """``draw(query)`` returning ``z(i, order=None)``, leaf i's z at ``query``.
+               ) -> LeafDraws:
+  """Every trainable leaf's draw at every query of one step.
 
   Args:
     seeds: (q, leaves, 2) uint32, every leaf's seed for every query
@@ -74,17 +107,14 @@ def leaf_draws(seeds: jax.Array, numbers: Sequence[jax.Array],
       (n, 2) seed (:func:`hizoo_jax.noise.gaussian`, the default, gives z).
 
   Returns:
-    ``draw``: ``draw(query)`` (an int or a traced index) gives ``z``.
-    ``z(i, order)`` salts leaf i's own draw with ``order`` (see
-    :meth:`hizoo_jax.noise.Draws.salt`) so that XLA neither merges it with
-    another draw nor stores it; small leaves read their group's stored draw
-    instead, made once per ``draw(query)``.
+    A :class:`LeafDraws`.
   """
   groups = small_groups(leaves, trainable)
   row_of = {i: (g, r) for g, members in enumerate(groups)
             for r, i in enumerate(members)}
 
   def draw(query):
+    """``z`` (see :class:`LeafDraws`) and ``together(g)``, group g's draw."""
     stored = {}
 
     def together(g):
@@ -108,6 +138,20 @@ def leaf_draws(seeds: jax.Array, numbers: Sequence[jax.Array],
         return z_i
       return _xla.computed_like(z_i, leaves[i], noise.salt(zero, order))
 
-    return z
+    return z, together
 
-  return draw
+  def values(fn, queries, order=None):
+    draws = [draw(j) for j in queries]
+    out = [None] * len(leaves)
+    for g, rows in enumerate(groups):
+      value = _xla.computed_once(
+          fn([together(g) for _, together in draws], rows), zero)
+      for r, i in enumerate(rows):
+        out[i] = value[r]
+    for i, keep in enumerate(trainable):
+      if keep and i not in row_of:
+        salt = None if order is None else order(i)
+        out[i] = fn([z(i, salt) for z, _ in draws], i)
+    return out
+
+  return LeafDraws(lambda query: draw(query)[0], values)

@@ -218,7 +218,7 @@ def stochastic_rounding(inner) -> optax.GradientTransformationExtraArgs:
     low = [is_low_precision(x) for x in leaves]
     uniform = leaf_draws.leaf_draws(
         seeds[None], treedef.flatten_up_to(zo.leaf_numbers), leaves, low,
-        zero, sample=_uniform)(0)
+        zero, sample=_uniform).at(0)
     out = []
     for i, (x, u) in enumerate(zip(leaves, treedef.flatten_up_to(
         inner_updates))):

@@ -18,6 +18,7 @@ import optax
 from hizoo_jax import curvature
 from hizoo_jax import fusible
 from hizoo_jax import grouped_curvature
+from hizoo_jax import leaf_draws
 
 
 class Rule(NamedTuple):
@@ -28,11 +29,12 @@ class Rule(NamedTuple):
   init: Callable  # (shape, granularity, factored axes, dtype, sharding,
   # stacked)
   init_stats: Callable[[], Any]
-  # Per leaf, H^{-1/2} broadcastable to the leaf (None where frozen), from
-  # (hess, the leaves' numbers: hizoo_jax._xla.at_leaf).
-  inv_sqrt: Callable[[list, list], list]
+  # (hess, the leaves' numbers: hizoo_jax._xla.at_leaf) -> read(which):
+  # H^{-1/2} of leaf `which` broadcastable to it, or of a tuple of
+  # same-shaped leaves stacked (hizoo_jax.leaf_draws).
+  inv_sqrt: Callable[[list, list], Callable]
   update: Callable  # (hess, stats, second, draws, shapes, rate, probe,
-  # numbers)
+  # numbers) -> (new hess, new stats, inv_sqrt's read of the new hess)
   last_array: Callable[[Any], jax.Array]  # what the update's z waits for.
   shapes_fit: Callable[[Any, tuple], bool]
   split: Callable  # (state.hessian, treedef) -> per leaf (None: frozen)
@@ -59,11 +61,18 @@ def _paper_join(per_leaf, treedef):
       [optax.MaskedNode() if h is None else h for h in per_leaf])
 
 
+def _paper_inv_sqrt(hess, numbers):
+  del numbers  # H is an array per leaf: nothing is read from a shared vector.
+  roots = [None if h is None else fusible.rsqrt(curvature.expand(h))
+           for h in hess]
+  return functools.partial(leaf_draws.pick, roots)
+
+
 def _paper_update(reference, hess, stats, second, draws, shapes, rate, probe,
                   numbers):
-  del numbers  # H is an array per leaf: nothing is read from a shared vector.
-  return curvature.paper_update(reference, hess, stats, second, draws, shapes,
-                                rate, probe)
+  new, stats = curvature.paper_update(reference, hess, stats, second, draws,
+                                      shapes, rate, probe)
+  return new, stats, _paper_inv_sqrt(new, numbers)
 
 
 def _paper_rule(reference):
@@ -72,8 +81,7 @@ def _paper_rule(reference):
       default_rate=1e-6,
       init=_paper_init,
       init_stats=lambda: None,
-      inv_sqrt=lambda hess, numbers: [None if h is None else fusible.rsqrt(
-          curvature.expand(h)) for h in hess],
+      inv_sqrt=_paper_inv_sqrt,
       update=functools.partial(_paper_update, reference),
       last_array=curvature.updated_array,
       shapes_fit=_paper_shapes_fit,

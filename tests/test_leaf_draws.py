@@ -62,7 +62,7 @@ def test_grouped_rows_equal_each_leafs_own_draw(jit):
     numbers = [jnp.uint32(i) for i in range(len(leaves))]
     draw = leaf_draws.leaf_draws(seeds, numbers, leaves, [True] * 5,
                                  jnp.uint32(0))
-    return [[draw(j)(i) for i in range(5)] for j in range(2)]
+    return [[draw.at(j)(i) for i in range(5)] for j in range(2)]
 
   got = (jax.jit(draws) if jit else draws)(jnp.int32(3))
   for j in range(2):
