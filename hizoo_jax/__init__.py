@@ -16,14 +16,7 @@ from hizoo_jax.checkpoint import (
 )
 from hizoo_jax.curvature import FactoredHessian
 from hizoo_jax.grouped_curvature import GroupedStats
-from hizoo_jax.estimator import (
-    Perturbation,
-    PerturbationProbe,
-    ZOState,
-    find_state,
-    scale_by_hizoo,
-    scale_by_mezo,
-)
+from hizoo_jax.estimator import scale_by_hizoo, scale_by_mezo
 from hizoo_jax.inspection import step_noise
 from hizoo_jax.flax_utils import (
     cast_floating,
@@ -41,6 +34,12 @@ from hizoo_jax.precision import (
 )
 from hizoo_jax.sharding import abstract_state, init_sharded, state_shardings
 from hizoo_jax.train_step import make_train_step
+from hizoo_jax.zo_state import (
+    Perturbation,
+    PerturbationProbe,
+    ZOState,
+    find_state,
+)
 
 __version__ = "0.1.0"
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hizoo_jax import estimator as _estimator
+from hizoo_jax import zo_state
 
 
 def _reduce_float32(loss):
@@ -125,7 +125,7 @@ def nnx_zo_step(optimizer, model, loss_fn: Callable, *args, **kwargs):
   from flax import nnx  # pylint: disable=import-outside-toplevel
   value_fn = nnx_value_fn(model, loss_fn, *args, wrt=optimizer.wrt, **kwargs)
   optimizer.update(model, model, value_fn=value_fn)
-  return _estimator.find_state(nnx.as_pure(optimizer.opt_state))
+  return zo_state.find_state(nnx.as_pure(optimizer.opt_state))
 
 
 def linen_zo_step(state, loss_fn: Callable, *args, **kwargs):
@@ -173,7 +173,7 @@ def linen_zo_step(state, loss_fn: Callable, *args, **kwargs):
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params,
                             opt_state=opt_state)
-  return new_state, _estimator.find_state(opt_state)
+  return new_state, zo_state.find_state(opt_state)
 
 
 def cast_floating(tree: Any, dtype=jnp.bfloat16) -> Any:

@@ -49,7 +49,7 @@ import optax
 from jax import lax
 
 from hizoo_jax import _xla
-from hizoo_jax import noise
+from hizoo_jax import joined_factors
 from hizoo_jax import range_sums
 
 GRANULARITIES = ("tensor", "row", "column", "factored", "element")
@@ -146,155 +146,32 @@ def hessian(h: tuple) -> jax.Array:
   return out
 
 
-def _joinable(f: jax.Array) -> bool:
-  """Whether the factor ``f`` may join a concatenation with the others.
-
-  On a mesh only a factor on no mesh axis may: a concatenation takes one
-  sharding, and would gather the others (a collective per factor). Under
-  Explicit axes the sharding is known; otherwise only a single number is
-  surely replicated.
-  """
-  if _xla.single_device():
-    return True
-  sharding = noise.explicit_sharding(f)
-  if sharding is None:
-    return f.size == 1
-  return all(s is None for s in sharding.spec)
-
-
-def _starts(keys: list, hess: list) -> np.ndarray:
-  """(leaves, factors) uint32: where each factor of ``keys`` ((leaf, factor)
-  pairs, in order) starts when they are laid end to end."""
-  starts = np.zeros((len(hess), max(len(hess[i]) for i, _ in keys)), np.uint32)
-  starts[tuple(zip(*keys))] = np.cumsum([0] + [hess[i][k].size
-                                               for i, k in keys])[:-1]
-  return starts
-
-
-def _split(vector: jax.Array, keys: list, hess: list, numbers: list) -> dict:
-  """``vector`` cut into the factors ``keys`` ((leaf, factor) pairs, in
-  order) of ``hess``, each read at its leaf's number (_xla.leaf_piece)."""
-  starts = _starts(keys, hess)
-  return {(i, k): _xla.leaf_piece(vector, starts[:, k], numbers[i],
-                                  hess[i][k].shape) for i, k in keys}
-
-
-def _reader(vector, keys: list, alone: dict, hess: list, numbers: list):
-  """``read(which)``: the product of a leaf's factors, or of a tuple of
-  same-shaped leaves' factors stacked (rows in the order of ``which``).
-
-  The factors ``keys`` are read from ``vector`` (laid end to end): a leaf's
-  at its number (_xla.leaf_piece), a tuple's with one gather. Where each
-  leaf's piece was read on its own and stacked, every piece was a kernel of
-  its own. The other factors are in ``alone``, by (leaf, factor).
-  """
-  starts = _starts(keys, hess) if keys else None
-  in_vector = set(keys)
-
-  def factor(i, k):
-    if (i, k) in in_vector:
-      return _xla.leaf_piece(vector, starts[:, k], numbers[i],
-                             hess[i][k].shape)
-    return alone[i, k]
-
-  def stacked(rows, k):
-    shape = hess[rows[0]][k].shape
-    if all((i, k) in in_vector for i in rows):
-      # Positions for numbers: a tuple's factors are read together, once.
-      index = starts[list(rows), k][:, None] + np.arange(
-          int(np.prod(shape)), dtype=np.uint32)
-      return vector[index].reshape((len(rows),) + shape)
-    return jnp.stack([factor(i, k) for i in rows])
-
-  def read(which):
-    if isinstance(which, tuple):
-      parts = [stacked(which, k) for k in range(len(hess[which[0]]))]
-    else:
-      parts = [factor(which, k) for k in range(len(hess[which]))]
-    out = parts[0]
-    for part in parts[1:]:
-      out = out * part
-    return out
-
-  return read
-
-
 def inv_sqrt(hess: list, numbers: list):
   """``read(which)``: H^{-1/2} of leaf ``which`` (an int), broadcastable to
   it, or of the same-shaped leaves ``which`` (a tuple), stacked.
 
-  One ``rsqrt`` of all factors as a vector (on a mesh, see _joinable): leaf by
-  leaf, each ``rsqrt`` of a few numbers was a kernel of its own (XLA does
-  not recompute an expensive operation in each element of its consumer).
+  One ``rsqrt`` of all factors as a vector (on a mesh, see
+  :func:`hizoo_jax.joined_factors.joinable`): leaf by leaf, each ``rsqrt``
+  of a few numbers was a kernel of its own (XLA does not recompute an
+  expensive operation in each element of its consumer).
   ``numbers``: the leaves' numbers (:func:`hizoo_jax._xla.at_leaf`).
   """
   factors = [(i, k) for i, h in enumerate(hess) if h is not None
              for k in range(len(h))]
-  joined = [(i, k) for i, k in factors if _joinable(hess[i][k])]
+  joined = [(i, k) for i, k in factors if joined_factors.joinable(hess[i][k])]
   roots = None
   if joined:
     roots = lax.rsqrt(jnp.concatenate(
         [hess[i][k].reshape(-1) for i, k in joined]))
   alone = {(i, k): lax.rsqrt(hess[i][k]) for i, k in factors
            if (i, k) not in joined}
-  return _reader(roots, joined, alone, hess, numbers)
+  return joined_factors.reader(roots, joined, alone, hess, numbers)
 
 
 def shapes_fit(h: tuple, shape) -> bool:
   """Whether the factors broadcast to a leaf of ``shape``."""
   return all(jnp.ndim(f) == len(shape) and all(
       a in (1, n) for a, n in zip(jnp.shape(f), shape)) for f in h)
-
-
-def _shared_axes(factor_shape, leaf_shape) -> tuple[int, ...]:
-  return tuple(a for a, (f, n) in enumerate(zip(factor_shape, leaf_shape))
-               if f == 1 and n != 1)
-
-
-def _factored_total(rows, cols, leaf_shape) -> jax.Array:
-  """sum_i H_i over a leaf of factors ``rows`` x ``cols`` (no leaf-sized
-  product)."""
-  # rows vary along the row axis only, cols along the col axis only; an
-  # entry of both covers the leaf's axes that neither varies along.
-  shared = np.prod([n for r, c, n in zip(rows.shape, cols.shape, leaf_shape)
-                    if r == c == 1])
-  return jnp.sum(
-      jnp.sum(rows, axis=_shared_axes(cols.shape, leaf_shape), keepdims=True)
-      * jnp.sum(cols, axis=_shared_axes(rows.shape, leaf_shape),
-                keepdims=True)) * shared
-
-
-def _joined_factored_total(h: jax.Array, joined: list, hess: list,
-                           shapes) -> jax.Array:
-  """:func:`_factored_total` of the two-factor leaves in ``joined``, summed.
-
-  ``h`` holds the factors ``joined`` end to end. A block is one position
-  along the axes both factors vary along (a layer of a stacked leaf); its
-  total is (sum of its rows) x (sum of its columns) x the number of entries
-  neither factor varies along. One segment sum for all blocks: leaf by
-  leaf, the totals fused into one kernel of a few instructions per leaf.
-  """
-  where = {key: f for f, key in enumerate(joined)}
-  ids = [np.full(hess[i][k].size, -1, np.int32) for i, k in joined]
-  shared = []
-  for i in sorted({i for i, _ in joined}):
-    if len(hess[i]) != 2 or (i, 1) not in where or (i, 0) not in where:
-      continue
-    factors = [hess[i][0].shape, hess[i][1].shape]
-    both = [a for a, (r, c) in enumerate(zip(*factors)) if r == c != 1]
-    for k, f in enumerate(factors):  # each entry's block: index along `both`
-      index = np.indices(f).reshape(len(f), -1)
-      block = np.ravel_multi_index([index[a] for a in both],
-                                   [f[a] for a in both]) if both else 0
-      ids[where[i, k]][:] = 2 * (len(shared) + block) + k
-    count = np.prod([n for r, c, n in zip(*factors, shapes[i]) if r == c == 1])
-    shared += [count] * int(np.prod([factors[0][a] for a in both]))
-  if not shared:
-    return jnp.zeros([], h.dtype)
-  ids = np.concatenate(ids)
-  sums = jax.ops.segment_sum(h, np.where(ids < 0, 2 * len(shared), ids),
-                             2 * len(shared) + 1)[:-1].reshape(-1, 2)
-  return jnp.sum(np.asarray(shared, np.float32) * sums[:, 0] * sums[:, 1])
 
 
 def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
@@ -327,7 +204,8 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
   own = [(i, k) for i in live for k, f in enumerate(hess[i])
          if not (k and f.shape == hess[i][0].shape)]
   sums = dict(zip(own, range_sums.group_sums(
-      draw, [(i, _shared_axes(hess[i][k].shape, shapes[i])) for i, k in own],
+      draw, [(i, joined_factors.shared_axes(hess[i][k].shape, shapes[i]))
+             for i, k in own],
       shapes, lambda z: jnp.square(z) - 1.0)))
   for i in live:
     for k in range(1, len(hess[i])):
@@ -357,9 +235,9 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
   # The factors as one vector: the rule is a few vector operations, where
   # factor by factor it was a few dozen instructions and several tiny
   # kernels per leaf. On a mesh, factors sharded over mesh axes go factor
-  # by factor (_joinable).
+  # by factor (joined_factors.joinable).
   pieces = [(i, k) for i in live for k in range(len(hess[i]))]
-  apart = [(i, k) for i, k in pieces if not _joinable(hess[i][k])]
+  apart = [(i, k) for i, k in pieces if not joined_factors.joinable(hess[i][k])]
   joined = [key for key in pieces if key not in apart]
   def per_entry(values):  # a value per factor of `joined`, per entry
     return np.repeat(np.asarray(values, np.float32),
@@ -384,17 +262,17 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
     # Stored: the totals below read it in slices, which would otherwise
     # each recompute the concatenations.
     h = _xla.computed_once(h, draw.zero)
-    new.update(_split(h, joined, hess, numbers))
+    new.update(joined_factors.split_at_numbers(h, joined, hess, numbers))
   for i, k in apart:
     new[i, k] = moved(hess[i][k], sums[i, k], coords(i, k), len(hess[i]))
   # sum_i H_i over all coordinates: a group of a one-factor leaf stands for
   # its n coordinates; a factored leaf's total comes from its factors.
-  total = sum(_factored_total(new[i, 0], new[i, 1], shapes[i])
+  total = sum(joined_factors.factored_total(new[i, 0], new[i, 1], shapes[i])
               for i in live if len(hess[i]) == 2
               and ((i, 0) in apart or (i, 1) in apart))
   if joined:
     total += jnp.sum(jnp.where(num == 1, h * n, 0.0))
-    total += _joined_factored_total(h, joined, hess, shapes)
+    total += joined_factors.joined_factored_total(h, joined, hess, shapes)
   total += sum(jnp.sum(new[i, 0] * coords(i, 0)) for i, k in apart
                if len(hess[i]) == 1)
   mean_h = _xla.computed_once(jnp.where(usable, total / dim, 1.0), draw.zero)
@@ -406,7 +284,7 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
     first = per_entry([k == 0 for _, k in joined]) > 0
     h = _xla.computed_once(normalised(h, first, num).astype(dtype),
                            draw.zero)  # read by all
-    new.update(_split(h, joined, hess, numbers))
+    new.update(joined_factors.split_at_numbers(h, joined, hess, numbers))
   for i, k in apart:
     new[i, k] = normalised(new[i, k], k == 0, len(hess[i]))
   new_hess = list(hess)
@@ -415,7 +293,7 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
                         for k, f in enumerate(hess[i]))
   # H^{-1/2} from the joined vector: re-joined from the pieces, every piece
   # would be read twice (here and into the state) and kept apart.
-  new_inv_sqrt = _reader(
+  new_inv_sqrt = joined_factors.reader(
       lax.rsqrt(h) if joined else None, joined,
       {(i, k): lax.rsqrt(new_hess[i][k]) for i, k in apart}, hess, numbers)
 

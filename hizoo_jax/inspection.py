@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from hizoo_jax import noise
-from hizoo_jax.estimator import find_state
+from hizoo_jax.zo_state import find_state
 
 
 def step_noise(state, params, *, query: int = 0):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from hizoo_jax import _checks
-from hizoo_jax import estimator as _estimator
+from hizoo_jax import zo_state
 
 
 class MaskedTailState(NamedTuple):
@@ -59,10 +59,10 @@ def _check_estimator_mask(estimator, params, flags) -> None:
   def probe(params):
     state = estimator.init(params)
     try:  # A first-order transformation would fail on updates=None.
-      _estimator.find_state(state)
+      zo_state.find_state(state)
     except ValueError:
       raise not_an_estimator from None
-    found = _estimator.PerturbationProbe()
+    found = zo_state.PerturbationProbe()
     estimator.update(None, state, params, zo_probe=found)
     if found.perturbation is None:
       raise not_an_estimator

@@ -179,8 +179,9 @@ def gaussian(seed: jax.Array, shape, dtype=jnp.float32,
       :func:`explicit_sharding`), or None.
 
   Returns:
-    An array of ``shape`` (or (n, *shape)) whose entries are i.i.d. (to hash quality), mean 0,
-    variance 1, nearly normal (E[z^4] = :data:`FOURTH_MOMENT`).
+    An array of ``shape`` (or (n, *shape)) whose entries are i.i.d. (to
+    hash quality), mean 0, variance 1, nearly normal (E[z^4] =
+    :data:`FOURTH_MOMENT`).
   """
   return standard(random_bits(seed, shape, sharding)).astype(dtype)
 

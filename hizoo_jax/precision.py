@@ -30,9 +30,9 @@ import optax
 
 from hizoo_jax import _checks
 from hizoo_jax import _xla
-from hizoo_jax import estimator as _estimator
 from hizoo_jax import leaf_draws
 from hizoo_jax import noise
+from hizoo_jax import zo_state
 
 # Salt for the rounding noise's query index: unlike any num_queries in use,
 # so the rounding bits are independent of every z of the step.
@@ -206,7 +206,7 @@ def stochastic_rounding(inner) -> optax.GradientTransformationExtraArgs:
                                               **extra_args)
     if params is None or extra_args.get("zo_probe") is not None:
       return inner_updates, new_state
-    zo = _estimator.find_state(new_state)
+    zo = zo_state.find_state(new_state)
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     hashes = np.array([noise.path_hash(p) for p, _ in paths_leaves], np.uint32)
     zero = (zo.count >> 31).astype(jnp.uint32)  # 0; XLA cannot prove it.

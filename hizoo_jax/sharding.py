@@ -39,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from hizoo_jax import curvature
 from hizoo_jax import grouped_curvature
-from hizoo_jax.estimator import ZOState
+from hizoo_jax.zo_state import ZOState
 
 
 def _full_spec(spec: PartitionSpec, ndim: int, where: str) -> list:
@@ -95,7 +95,7 @@ class _Assigner:
 
   def entry(self, i: int, node):
     """The sharding of one parameter-shaped state entry."""
-    sharding, shape, path = self.shardings[i], self.shapes[i], self.paths[i]
+    sharding, shape = self.shardings[i], self.shapes[i]
     if isinstance(node, optax.MaskedNode) or node is None:
       return node
     if isinstance(node, curvature.FactoredHessian):

@@ -47,7 +47,7 @@ from jax import lax
 
 from hizoo_jax import _checks
 from hizoo_jax import _xla
-from hizoo_jax import estimator as _estimator
+from hizoo_jax import zo_state
 
 Params = Any
 Batch = Any
@@ -68,8 +68,8 @@ _BRANCHING = (optax.ApplyIfFiniteState, optax.MultiStepsState)
 def _inside_branching_wrapper(node) -> bool:
   """Whether the estimator state sits inside a state of _BRANCHING."""
   def holds_estimator(tree):
-    return any(isinstance(x, _estimator.ZOState) for x in jax.tree.leaves(
-        tree, is_leaf=lambda x: isinstance(x, _estimator.ZOState)))
+    return any(isinstance(x, zo_state.ZOState) for x in jax.tree.leaves(
+        tree, is_leaf=lambda x: isinstance(x, zo_state.ZOState)))
   if isinstance(node, _BRANCHING):
     return holds_estimator(node)
   if isinstance(node, (tuple, list)):
@@ -79,10 +79,10 @@ def _inside_branching_wrapper(node) -> bool:
   return False
 
 
-def _perturbation(optimizer, opt_state, params) -> _estimator.Perturbation:
+def _perturbation(optimizer, opt_state, params) -> zo_state.Perturbation:
   """The Perturbation of the step (the probe's other outputs are dead code)."""
   try:  # Before update: a first-order optimizer would fail on updates=None.
-    _estimator.find_state(opt_state)
+    zo_state.find_state(opt_state)
   except ValueError:
     raise ValueError(_NEEDS_ESTIMATOR.format(
         why="its state holds no hz.ZOState")) from None
@@ -94,7 +94,7 @@ def _perturbation(optimizer, opt_state, params) -> _estimator.Perturbation:
         "downstream, e.g. optax.chain(hz.scale_by_hizoo(...), "
         "optax.apply_if_finite(optax.sgd(lr), 3)), or step with the plain "
         "tx.update (docs/api.md, optax wrappers).")
-  probe = _estimator.PerturbationProbe()
+  probe = zo_state.PerturbationProbe()
   optimizer.update(None, opt_state, params, zo_probe=probe)
   if probe.perturbation is None:
     raise ValueError(_NEEDS_ESTIMATOR.format(
@@ -226,7 +226,7 @@ def _run(optimizer, opt_state, params, batch, loss_fn, perturbation,
     theta, losses, state = carry
     if center_first and perturbation.center_every > 1:
       # L(theta) only on the steps that probe the curvature.
-      count = _estimator.find_state(state).count
+      count = zo_state.find_state(state).count
       evaluate = (k > 0) | (count % perturbation.center_every == 0)
       loss = lax.cond(evaluate, lambda t: loss_at(t, "a point of the step"),
                       skip, theta)
@@ -327,13 +327,13 @@ def make_train_step(
     new_params, new_state = _run(
         optimizer, opt_state, params, batch, loss_fn, perturbation,
         bool(store_noise))
-    zo_state = _estimator.find_state(new_state)
+    zo = zo_state.find_state(new_state)
     metrics = {
-        "loss": zo_state.loss,
-        "loss_plus": zo_state.loss_plus,
-        "loss_minus": zo_state.loss_minus,
-        "projected_grad": zo_state.projected_grad,
-        "skipped": zo_state.skipped,
+        "loss": zo.loss,
+        "loss_plus": zo.loss_plus,
+        "loss_minus": zo.loss_minus,
+        "projected_grad": zo.projected_grad,
+        "skipped": zo.skipped,
     }
     return new_params, new_state, metrics
 

@@ -1,6 +1,5 @@
 """Sums of f(z) over index ranges of many leaves, drawn in one loop."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
