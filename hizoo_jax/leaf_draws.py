@@ -26,6 +26,9 @@ from hizoo_jax import noise
 # Small leaves hold at most this fraction of the trainable elements; their
 # stored draws are the step's only temporaries that grow with the model.
 SMALL_SHARE = 128
+# ... and at most this many elements each: a larger leaf's draw is a pass
+# over memory of its own, which its fused draw does not cost.
+SMALL_SIZE = 2**16
 
 
 def _replicated(x) -> bool:
@@ -39,8 +42,9 @@ def small_groups(leaves: Sequence, trainable: Sequence[bool]
   """The leaves drawn together: tuples (of two or more) of leaf positions.
 
   The smallest trainable leaves, together at most ``1 / SMALL_SHARE`` of the
-  trainable elements, grouped by shape; leaves sharded over Explicit mesh
-  axes are drawn on their own, sharded like the leaf.
+  trainable elements and each at most ``SMALL_SIZE``, grouped by shape;
+  leaves sharded over Explicit mesh axes are drawn on their own, sharded
+  like the leaf.
   """
   live = [i for i, keep in enumerate(trainable) if keep]
   sizes = {i: int(np.prod(jnp.shape(leaves[i]), dtype=np.int64))
@@ -49,7 +53,7 @@ def small_groups(leaves: Sequence, trainable: Sequence[bool]
   by_shape: dict[tuple, list[int]] = {}
   for i in sorted(live, key=lambda i: sizes[i]):
     used += sizes[i]
-    if used > budget:
+    if used > budget or sizes[i] > SMALL_SIZE:
       break
     if _replicated(leaves[i]):
       by_shape.setdefault(tuple(jnp.shape(leaves[i])), []).append(i)
@@ -112,6 +116,14 @@ def leaf_draws(seeds: jax.Array, numbers: Sequence[jax.Array],
   groups = small_groups(leaves, trainable)
   row_of = {i: (g, r) for g, members in enumerate(groups)
             for r, i in enumerate(members)}
+  rows = np.zeros(len(leaves), np.uint32)  # each leaf's row in its group
+  for i, (_, r) in row_of.items():
+    rows[i] = r
+
+  def row(value, i):
+    # At the leaf's number, as data: read at a constant row, every small
+    # leaf's kernel would differ and compile on its own.
+    return _xla.at_leaf(value, _xla.at_leaf(rows, numbers[i]))
 
   def draw(query):
     """``z`` (see :class:`LeafDraws`) and ``together(g)``, group g's draw."""
@@ -119,16 +131,15 @@ def leaf_draws(seeds: jax.Array, numbers: Sequence[jax.Array],
 
     def together(g):
       if g not in stored:
-        rows = np.asarray(groups[g])
-        z = sample(seeds[query][rows], jnp.shape(leaves[rows[0]]))
+        members = np.asarray(groups[g])
+        z = sample(seeds[query][members], jnp.shape(leaves[members[0]]))
         # Stored once: else XLA would copy the generator into each reader.
         stored[g] = _xla.computed_once(z, zero)
       return stored[g]
 
     def z(i, order=None):
       if i in row_of:
-        g, r = row_of[i]
-        return together(g)[r]
+        return row(together(row_of[i][0]), i)
       seed = _xla.at_leaf(seeds, numbers[i], axis=1)[query]
       if order is not None:
         seed = seed ^ noise.salt(zero, order)
@@ -143,11 +154,11 @@ def leaf_draws(seeds: jax.Array, numbers: Sequence[jax.Array],
   def values(fn, queries, order=None):
     draws = [draw(j) for j in queries]
     out = [None] * len(leaves)
-    for g, rows in enumerate(groups):
+    for g, members in enumerate(groups):
       value = _xla.computed_once(
-          fn([together(g) for _, together in draws], rows), zero)
-      for r, i in enumerate(rows):
-        out[i] = value[r]
+          fn([together(g) for _, together in draws], members), zero)
+      for i in members:
+        out[i] = row(value, i)
     for i, keep in enumerate(trainable):
       if keep and i not in row_of:
         salt = None if order is None else order(i)
