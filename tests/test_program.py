@@ -161,13 +161,14 @@ def test_nnx_scan_model_trains_with_the_lean_step():
 def test_program_grows_per_leaf_at_a_bounded_rate(one_device, monkeypatch):
   """Unstacked leaves: each adds its own fused noise code to the step.
 
-  8 and 64 same-shaped leaves. The forward pass of this MLP adds 8
-  instructions per leaf. A step adds one fused copy of the generator per
-  leaf (~80 with the move and the update: moves, restore and update are one
-  expression in the loop): MeZO 97 per leaf, 12x the forward's growth.
-  HiZOO's sums of z^2 are one loop for all leaves and its rule one vector
-  (hizoo_jax.range_sums; 127 per leaf, 16x; HiZOO-L 171). On a mesh HiZOO
-  sums leaf by leaf, each sum sharded like its leaf (281 per leaf, 35x).
+  8 and 64 same-shaped leaves, too large to be drawn together
+  (hizoo_jax.leaf_draws). The forward pass of this MLP adds 8 instructions
+  per leaf. A step adds one fused copy of the generator per leaf (~80 with
+  the move and the update: moves, restore and update are one expression in
+  the loop): MeZO 95 per leaf, 12x the forward's growth. HiZOO's sums of
+  z^2 are one loop for all leaves and its rule one vector
+  (hizoo_jax.range_sums; 122 per leaf, 15x; HiZOO-L 149). On a mesh HiZOO
+  sums leaf by leaf, each sum sharded like its leaf (275 per leaf, 34x).
   Those copies are alike, and XLA compiles each distinct kernel once.
   Stacked layers do not pay per leaf at all (test above).
   """
