@@ -5,11 +5,14 @@ elementwise function of the element's index, recomputed in every fusion that
 reads it and never stored (:mod:`hizoo_jax.noise`). The price is one copy of
 the generator in the program per leaf and use, and a transformer's biases
 and norm scales are most of its leaves (OPT: 10 of 16 per layer) while
-holding a sliver of its parameters. So the smallest leaves, together at most
-``1 / SMALL_SHARE`` of the trainable elements, are drawn by shape: all of one
-shape as one (n, *shape) array (one generator copy), stored, and read row by
-row. Each row is the leaf's own draw bit for bit: results do not change,
-only the program (``docs/performance.md``).
+holding a sliver of its parameters. So the smallest leaves (together at most
+``1 / SMALL_SHARE`` of the trainable elements, each at most ``SMALL_SIZE``)
+are drawn by shape: all of one shape as one (n, *shape) array (one
+generator copy), stored, and read row by row; what the step computes from
+them (the moves, the update) is computed once per group too. Each row is
+the leaf's own draw bit for bit; results differ from drawing leaf by leaf
+only in float rounding (``docs/performance.md``, "Small leaves drawn
+together").
 """
 
 from __future__ import annotations
