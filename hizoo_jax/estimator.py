@@ -14,7 +14,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from hizoo_jax import _checks
@@ -162,7 +161,6 @@ def _zo_estimator(
     leaves, paths, treedef, trainable = flatten(params)
     numbers = leaf_numbers(state, treedef)
     hess = curvature_leaves(state, treedef, leaves, paths, trainable)
-    hashes = np.array([noise.path_hash(p) for p in paths], np.uint32)
     mu_t = _at_step(mu, state.count)
     probe = (state.count % every) == 0
     mu_t, valid = _checks.step_hyperparams(
@@ -170,9 +168,9 @@ def _zo_estimator(
 
     # Every leaf's seed for every query: (q, leaves, 2), one small vector op.
     zero = (state.count >> 31).astype(jnp.uint32)  # 0; XLA cannot prove it.
-    seeds = _xla.computed_once(noise.leaf_seed(
+    seeds = _xla.computed_once(noise.leaf_seeds(
         state.rng_key, state.count,
-        jnp.arange(num_queries, dtype=jnp.uint32)[:, None], hashes), zero)
+        jnp.arange(num_queries, dtype=jnp.uint32)[:, None], paths), zero)
 
     draw = leaf_draws.leaf_draws(seeds, numbers, leaves, trainable, zero)
     # Inside hz.make_train_step's loop this update runs on every phase and

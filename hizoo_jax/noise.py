@@ -103,6 +103,12 @@ def leaf_seed(words: jax.Array, count, query, leaf_hash) -> jax.Array:
   return jnp.stack([h, mix32(h ^ jnp.uint32(_GOLDEN))], axis=-1)
 
 
+def leaf_seeds(words: jax.Array, count, query, paths) -> jax.Array:
+  """:func:`leaf_seed` of every leaf, by key path: shape (..., leaves, 2)."""
+  hashes = np.array([path_hash(p) for p in paths], np.uint32)
+  return leaf_seed(words, count, query, hashes)
+
+
 def explicit_sharding(x):
   """``x``'s sharding if it is laid out over Explicit mesh axes, else None.
 

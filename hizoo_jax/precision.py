@@ -25,7 +25,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from hizoo_jax import _checks
@@ -208,10 +207,10 @@ def stochastic_rounding(inner) -> optax.GradientTransformationExtraArgs:
       return inner_updates, new_state
     zo = zo_state.find_state(new_state)
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    hashes = np.array([noise.path_hash(p) for p, _ in paths_leaves], np.uint32)
     zero = (zo.count >> 31).astype(jnp.uint32)  # 0; XLA cannot prove it.
     seeds = _xla.computed_once(
-        noise.leaf_seed(zo.rng_key, zo.count, _ROUNDING_QUERY, hashes), zero)
+        noise.leaf_seeds(zo.rng_key, zo.count, _ROUNDING_QUERY,
+                         [p for p, _ in paths_leaves]), zero)
     # Read at the leaves' numbers: same-shaped leaves share a kernel. (The
     # estimator saw these params and checked that its numbers fit them.)
     leaves = treedef.flatten_up_to(params)
