@@ -178,7 +178,10 @@ def _zo_estimator(
     final = extra_args.get("zo_final")
     # The curvature's sums of z are needed only where H moves and the result
     # is kept.
-    draws = noise.Draws(z=lambda i, j, order=None: draw.at(j)(i, order),
+    # One draw per query for the rule's sums (queries are ints there): a
+    # group of small leaves is then drawn once, not once per leaf.
+    at_query = [draw.at(j) for j in range(num_queries)]
+    draws = noise.Draws(z=lambda i, j, order=None: at_query[j](i, order),
                         zero=zero, seeds=seeds,
                         active=probe if final is None else probe & final)
 

@@ -156,16 +156,21 @@ def inv_sqrt(hess: list, numbers: list):
   expensive operation in each element of its consumer).
   ``numbers``: the leaves' numbers (:func:`hizoo_jax._xla.at_leaf`).
   """
-  factors = [(i, k) for i, h in enumerate(hess) if h is not None
-             for k in range(len(h))]
-  joined = [(i, k) for i, k in factors if joined_factors.joinable(hess[i][k])]
-  roots = None
-  if joined:
-    roots = lax.rsqrt(jnp.concatenate(
-        [hess[i][k].reshape(-1) for i, k in joined]))
-  alone = {(i, k): lax.rsqrt(hess[i][k]) for i, k in factors
-           if (i, k) not in joined}
-  return joined_factors.reader(roots, joined, alone, hess, numbers)
+  joined = [(i, k) for i, h in enumerate(hess) if h is not None
+            for k in range(len(h)) if joined_factors.joinable(h[k])]
+  vector = jnp.concatenate([hess[i][k].reshape(-1) for i, k in joined]
+                           ) if joined else None
+  return _inv_sqrt_reader(vector, joined, hess, numbers)
+
+
+def _inv_sqrt_reader(vector, joined: list, hess: list, numbers: list):
+  """:func:`inv_sqrt`'s ``read`` from the factors ``joined`` laid end to
+  end in ``vector``; every other factor is taken from ``hess``."""
+  alone = {(i, k): lax.rsqrt(h[k]) for i, h in enumerate(hess)
+           if h is not None for k in range(len(h)) if (i, k) not in joined}
+  return joined_factors.reader(
+      None if vector is None else lax.rsqrt(vector), joined, alone, hess,
+      numbers)
 
 
 def shapes_fit(h: tuple, shape) -> bool:
@@ -237,7 +242,8 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
   # kernels per leaf. On a mesh, factors sharded over mesh axes go factor
   # by factor (joined_factors.joinable).
   pieces = [(i, k) for i in live for k in range(len(hess[i]))]
-  apart = [(i, k) for i, k in pieces if not joined_factors.joinable(hess[i][k])]
+  apart = [(i, k) for i, k in pieces
+           if not joined_factors.joinable(hess[i][k])]
   joined = [key for key in pieces if key not in apart]
   def per_entry(values):  # a value per factor of `joined`, per entry
     return np.repeat(np.asarray(values, np.float32),
@@ -293,9 +299,8 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
                         for k, f in enumerate(hess[i]))
   # H^{-1/2} from the joined vector: re-joined from the pieces, every piece
   # would be read twice (here and into the state) and kept apart.
-  new_inv_sqrt = joined_factors.reader(
-      lax.rsqrt(h) if joined else None, joined,
-      {(i, k): lax.rsqrt(new_hess[i][k]) for i, k in apart}, hess, numbers)
+  new_inv_sqrt = _inv_sqrt_reader(h if joined else None, joined, new_hess,
+                                  numbers)
 
   # Running means: plain averages for the first 1 / STATS_RATE samples.
   q_mean = jnp.mean(second)

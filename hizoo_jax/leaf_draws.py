@@ -117,11 +117,10 @@ def leaf_draws(seeds: jax.Array, numbers: Sequence[jax.Array],
     A :class:`LeafDraws`.
   """
   groups = small_groups(leaves, trainable)
-  row_of = {i: (g, r) for g, members in enumerate(groups)
-            for r, i in enumerate(members)}
+  group_of = {i: g for g, members in enumerate(groups) for i in members}
   rows = np.zeros(len(leaves), np.uint32)  # each leaf's row in its group
-  for i, (_, r) in row_of.items():
-    rows[i] = r
+  for members in groups:
+    rows[list(members)] = np.arange(len(members))
 
   def row(value, i):
     # At the leaf's number, as data: read at a constant row, every small
@@ -141,8 +140,8 @@ def leaf_draws(seeds: jax.Array, numbers: Sequence[jax.Array],
       return stored[g]
 
     def z(i, order=None):
-      if i in row_of:
-        return row(together(row_of[i][0]), i)
+      if i in group_of:
+        return row(together(group_of[i]), i)
       seed = _xla.at_leaf(seeds, numbers[i], axis=1)[query]
       if order is not None:
         seed = seed ^ noise.salt(zero, order)
@@ -163,7 +162,7 @@ def leaf_draws(seeds: jax.Array, numbers: Sequence[jax.Array],
       for i in members:
         out[i] = row(value, i)
     for i, keep in enumerate(trainable):
-      if keep and i not in row_of:
+      if keep and i not in group_of:
         salt = None if order is None else order(i)
         out[i] = fn([z(i, salt) for z, _ in draws], i)
     return out

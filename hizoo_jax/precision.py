@@ -213,7 +213,7 @@ def stochastic_rounding(inner) -> optax.GradientTransformationExtraArgs:
                          [p for p, _ in paths_leaves]), zero)
     # Read at the leaves' numbers: same-shaped leaves share a kernel. (The
     # estimator saw these params and checked that its numbers fit them.)
-    leaves = treedef.flatten_up_to(params)
+    leaves = [x for _, x in paths_leaves]
     low = [is_low_precision(x) for x in leaves]
     uniform = leaf_draws.leaf_draws(
         seeds[None], treedef.flatten_up_to(zo.leaf_numbers), leaves, low,
