@@ -136,7 +136,8 @@ def _zo_estimator(
       hess = rule.split(state.hessian, treedef)
     except (ValueError, TypeError) as e:
       raise ValueError(_OTHER_STRUCTURE) from e
-    for h, x, path, keep in zip(hess, leaves, paths, trainable):
+    for h, x, path, keep in zip(rule.per_leaf(hess), leaves, paths,
+                                trainable):
       if keep != (h is not None):
         raise ValueError(
             f"parameter {jax.tree_util.keystr(path)} is "
@@ -149,6 +150,10 @@ def _zo_estimator(
             f"{[jnp.shape(a) for a in jax.tree.leaves(h)]}; was the state "
             "initialised with other params or another estimator?")
     return hess
+
+  def carry_state(state, carried):  # Perturbation.carry_state
+    return state._replace(hessian=rule.carried_form(
+        state.hessian, state.leaf_numbers, carried))
 
   def leaf_numbers(state, treedef):
     try:
@@ -209,7 +214,8 @@ def _zo_estimator(
       light = (not with_curvature or granularity == "tensor"
                or (estimator == "signed" and range_sums.in_one_loop()))
       zo_probe.perturbation = Perturbation(
-          shift, num_queries, with_curvature, every, light)
+          shift, num_queries, with_curvature, every, light,
+          carry_state if with_curvature else None)
       return jax.tree.map(jnp.zeros_like, params), state
 
     center, plus, minus = evaluation.losses(
@@ -246,7 +252,7 @@ def _zo_estimator(
     # draws (XLA would store z), unless they share a fusion (zo_final).
     after = None
     if with_curvature and final is None:
-      after = lambda i: rule.last_array(new_hess[i])
+      after = lambda i: rule.last_array(new_hess, i)
     directions = draw.values(direction, range(num_queries), after)
     out = [jnp.zeros_like(x) if d is None else d.astype(x.dtype)
            for x, d in zip(leaves, directions)]
@@ -261,7 +267,8 @@ def _zo_estimator(
         count=optax.safe_increment(state.count),
         rng_key=state.rng_key,
         leaf_numbers=state.leaf_numbers,
-        hessian=rule.join(new_hess, treedef) if with_curvature else None,
+        hessian=(rule.store(new_hess, treedef, numbers) if with_curvature
+                 else None),
         curvature_stats=new_stats,
         loss=loss.astype(jnp.float32),
         loss_plus=plus_mean.astype(jnp.float32),

@@ -62,6 +62,29 @@ CLIP = 0.5  # at most a factor e^0.5 per factor and step.
 FLOOR = 1e-4
 
 
+class Factors(NamedTuple):
+  """H as this rule computes with it (:func:`split`)."""
+
+  per_leaf: list  # per leaf, the tuple of its factors, or None (frozen); a
+  # factor held in `vector` is a joined_factors.Slot.
+  vector: Optional[jax.Array]  # (n,) float: the joinable factors end to end,
+  # by leaf, then factor (joined_factors.joinable); None if there are none.
+  carried: bool  # whether the state holds H as Carried.
+
+
+class Carried(NamedTuple):
+  """H in the loop carry of ``hz.make_train_step``: one vector.
+
+  The step writes the new state on its last phase only, a select per state
+  leaf; factor by factor, each select was a kernel of its own (HiZOO-L: two
+  per leaf). Only the step holds this form: its state is
+  :func:`carried_form` on the way into the loop and back.
+  """
+
+  vector: Optional[jax.Array]  # (n,) float: as Factors.vector.
+  trees: tuple  # the state's trees of factors, those in `vector` as Slots.
+
+
 class GroupedStats(NamedTuple):
   """Running statistics of the probes, shared by all leaves."""
 
@@ -99,11 +122,53 @@ def num_factors(granularity: str) -> int:
   return 2 if granularity == "factored" else 1
 
 
-def split(hessian, treedef) -> list:
-  """Per leaf, the tuple of its factors (None where a leaf is frozen)."""
-  trees = [treedef.flatten_up_to(t) for t in hessian]
-  return [None if isinstance(fs[0], optax.MaskedNode) else tuple(fs)
-          for fs in zip(*trees)]
+def split(hessian, treedef) -> Factors:
+  """The state's H (either form) as :class:`Factors`."""
+  carried = isinstance(hessian, Carried)
+  trees = [treedef.flatten_up_to(t)
+           for t in (hessian.trees if carried else hessian)]
+  per_leaf = [None if isinstance(fs[0], optax.MaskedNode) else tuple(fs)
+              for fs in zip(*trees)]
+  if carried:
+    return Factors(per_leaf, hessian.vector, True)
+  keys = [(i, k) for i, h in enumerate(per_leaf) if h is not None
+          for k in range(len(h)) if joined_factors.joinable(h[k])]
+  vector = jnp.concatenate([per_leaf[i][k].reshape(-1) for i, k in keys]
+                           ) if keys else None
+  return Factors(joined_factors.slots(per_leaf, keys), vector, False)
+
+
+def store(hess: Factors, treedef, numbers: list):
+  """The state's H from :class:`Factors`, in the form :func:`split` read.
+
+  ``numbers``: the leaves' numbers (:func:`hizoo_jax._xla.at_leaf`); each
+  factor is read out of the vector at its leaf's number, so that
+  same-shaped leaves share the kernel.
+  """
+  if hess.carried:
+    return Carried(hess.vector, join(hess.per_leaf, treedef))
+  pieces = joined_factors.split_at_numbers(
+      hess.vector, joined_factors.in_vector(hess.per_leaf), hess.per_leaf,
+      numbers)
+  return join([None if h is None else tuple(
+      pieces[i, k].astype(f.dtype) if (i, k) in pieces else f
+      for k, f in enumerate(h)) for i, h in enumerate(hess.per_leaf)], treedef)
+
+
+def carried_form(hessian, leaf_numbers, carried: bool):
+  """The state's H in the loop carry's form (``carried``) or its own.
+
+  ``leaf_numbers``: the state's tree of leaf numbers.
+  """
+  treedef = jax.tree.structure(leaf_numbers)
+  return store(split(hessian, treedef)._replace(carried=carried), treedef,
+               treedef.flatten_up_to(leaf_numbers))
+
+
+def last_array(hess: Factors, i: int) -> jax.Array:
+  """An array of the new H that leaf ``i``'s factors are computed with."""
+  first = hess.per_leaf[i][0]
+  return hess.vector if isinstance(first, joined_factors.Slot) else first
 
 
 def join(per_leaf: list, treedef, masked=optax.MaskedNode()) -> tuple:
@@ -146,7 +211,7 @@ def hessian(h: tuple) -> jax.Array:
   return out
 
 
-def inv_sqrt(hess: list, numbers: list):
+def inv_sqrt(hess: Factors, numbers: list):
   """``read(which)``: H^{-1/2} of leaf ``which`` (an int), broadcastable to
   it, or of the same-shaped leaves ``which`` (a tuple), stacked.
 
@@ -156,11 +221,9 @@ def inv_sqrt(hess: list, numbers: list):
   expensive operation in each element of its consumer).
   ``numbers``: the leaves' numbers (:func:`hizoo_jax._xla.at_leaf`).
   """
-  joined = [(i, k) for i, h in enumerate(hess) if h is not None
-            for k in range(len(h)) if joined_factors.joinable(h[k])]
-  vector = jnp.concatenate([hess[i][k].reshape(-1) for i, k in joined]
-                           ) if joined else None
-  return _inv_sqrt_reader(vector, joined, hess, numbers)
+  return _inv_sqrt_reader(hess.vector,
+                          joined_factors.in_vector(hess.per_leaf),
+                          hess.per_leaf, numbers)
 
 
 def _inv_sqrt_reader(vector, joined: list, hess: list, numbers: list):
@@ -175,16 +238,16 @@ def _inv_sqrt_reader(vector, joined: list, hess: list, numbers: list):
 
 def shapes_fit(h: tuple, shape) -> bool:
   """Whether the factors broadcast to a leaf of ``shape``."""
-  return all(jnp.ndim(f) == len(shape) and all(
-      a in (1, n) for a, n in zip(jnp.shape(f), shape)) for f in h)
+  return all(len(f.shape) == len(shape) and all(
+      a in (1, n) for a, n in zip(f.shape, shape)) for f in h)
 
 
-def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
-           rate: jax.Array, probe: jax.Array, numbers: list):
+def update(factors: Factors, stats: GroupedStats, second: jax.Array, draw,
+           shapes, rate: jax.Array, probe: jax.Array, numbers: list):
   """The new factors and statistics after one step (see the module docstring).
 
   Args:
-    hess: per leaf, the tuple of its factors, or None (frozen leaf).
+    factors: H (:func:`split`).
     stats: the running statistics.
     second: (q,) float32, ``D_j / (2 mu^2)`` for each query.
     draw: a :class:`hizoo_jax.noise.Draws`; ``draw.z(i, j, order)`` is z of
@@ -197,9 +260,10 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
     numbers: the leaves' numbers (:func:`hizoo_jax._xla.at_leaf`).
 
   Returns:
-    ``(new hess list, new stats, read)``, ``read`` H^{-1/2} of the new H as
+    ``(new factors, new stats, read)``, ``read`` H^{-1/2} of the new H as
     from :func:`inv_sqrt`.
   """
+  hess = factors.per_leaf
   num_queries = second.shape[0]
   live = [i for i, h in enumerate(hess) if h is not None]
   dim = float(sum(np.prod(shapes[i]) for i in live))
@@ -241,10 +305,9 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
   # factor by factor it was a few dozen instructions and several tiny
   # kernels per leaf. On a mesh, factors sharded over mesh axes go factor
   # by factor (joined_factors.joinable).
-  pieces = [(i, k) for i in live for k in range(len(hess[i]))]
-  apart = [(i, k) for i, k in pieces
-           if not joined_factors.joinable(hess[i][k])]
-  joined = [key for key in pieces if key not in apart]
+  joined = joined_factors.in_vector(hess)
+  apart = [(i, k) for i in live for k, f in enumerate(hess[i])
+           if not isinstance(f, joined_factors.Slot)]
   def per_entry(values):  # a value per factor of `joined`, per entry
     return np.repeat(np.asarray(values, np.float32),
                      [hess[i][k].size for i, k in joined])
@@ -261,14 +324,16 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
   if joined:
     n = per_entry([coords(i, k) for i, k in joined])
     num = per_entry([len(hess[i]) for i, k in joined])
-    dtype = jnp.result_type(*[hess[i][k] for i, k in joined])
-    h = moved(jnp.concatenate([hess[i][k].reshape(-1) for i, k in joined]),
+    dtype = factors.vector.dtype
+    h = moved(factors.vector,
               jnp.concatenate([sums[key].reshape(num_queries, -1)
                                for key in joined], axis=1), n, num)
     # Stored: the totals below read it in slices, which would otherwise
     # each recompute the concatenations.
     h = _xla.computed_once(h, draw.zero)
-    new.update(joined_factors.split_at_numbers(h, joined, hess, numbers))
+    # The joined factors of leaves with a factor apart, for their totals.
+    new.update(joined_factors.split_at_numbers(
+        h, joined, hess, numbers, only={i for i, _ in apart}))
   for i, k in apart:
     new[i, k] = moved(hess[i][k], sums[i, k], coords(i, k), len(hess[i]))
   # sum_i H_i over all coordinates: a group of a one-factor leaf stands for
@@ -290,15 +355,13 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
     first = per_entry([k == 0 for _, k in joined]) > 0
     h = _xla.computed_once(normalised(h, first, num).astype(dtype),
                            draw.zero)  # read by all
-    new.update(joined_factors.split_at_numbers(h, joined, hess, numbers))
   for i, k in apart:
     new[i, k] = normalised(new[i, k], k == 0, len(hess[i]))
-  new_hess = list(hess)
-  for i in live:
-    new_hess[i] = tuple(new[i, k].astype(f.dtype)
-                        for k, f in enumerate(hess[i]))
-  # H^{-1/2} from the joined vector: re-joined from the pieces, every piece
-  # would be read twice (here and into the state) and kept apart.
+  new_hess = [None if hess[i] is None else tuple(
+      f if isinstance(f, joined_factors.Slot) else new[i, k].astype(f.dtype)
+      for k, f in enumerate(hess[i])) for i in range(len(hess))]
+  # The new vector's pieces for the state are read in store (or, in the
+  # step's loop, the vector is the state).
   new_inv_sqrt = _inv_sqrt_reader(h if joined else None, joined, new_hess,
                                   numbers)
 
@@ -312,4 +375,5 @@ def update(hess: list, stats: GroupedStats, second: jax.Array, draw, shapes,
       baseline=jnp.where(probe, b_new, b).astype(jnp.float32),
       spread=jnp.where(probe, v_new, v).astype(jnp.float32),
       probes=t + probe.astype(jnp.int32))
-  return new_hess, new_stats, new_inv_sqrt
+  return (Factors(new_hess, h if joined else None, factors.carried),
+          new_stats, new_inv_sqrt)

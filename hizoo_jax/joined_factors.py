@@ -3,9 +3,10 @@
 HiZOO's default rule keeps a few numbers per leaf (a tensor's H, its rows'
 or its columns'). Leaf by leaf, each of its few operations on them was a
 kernel of its own; joined into one vector they are a few vector operations
-for the whole model. This module joins the factors, reads them back (a
-leaf's piece at its number, or a group of same-shaped leaves' pieces in one
-gather) and sums H over all coordinates from factored leaves.
+for the whole model. This module joins the factors (a factor held in the
+vector is a :class:`Slot`), reads them back (a leaf's piece at its number,
+or a group of same-shaped leaves' pieces in one gather) and sums H over all
+coordinates from factored leaves.
 """
 
 from __future__ import annotations
@@ -16,6 +17,50 @@ import numpy as np
 
 from hizoo_jax import _xla
 from hizoo_jax import noise
+
+
+class Slot:
+  """A factor that lives in the joined vector: only its shape and dtype.
+
+  A pytree with no leaves, so that a tree holding slots (the loop carry's
+  form of H, :class:`hizoo_jax.grouped_curvature.Carried`) carries, selects
+  and donates the vector alone.
+  """
+
+  def __init__(self, shape, dtype):
+    self.shape = tuple(shape)
+    self.dtype = jnp.dtype(dtype)
+    self.size = int(np.prod(self.shape, dtype=np.int64))
+
+  def __eq__(self, other):
+    return (isinstance(other, Slot) and self.shape == other.shape
+            and self.dtype == other.dtype)
+
+  def __hash__(self):
+    return hash((self.shape, self.dtype))
+
+  def __repr__(self):
+    return f"Slot({self.shape}, {self.dtype})"
+
+
+jax.tree_util.register_pytree_node(
+    Slot, lambda s: ((), (s.shape, s.dtype)), lambda aux, _: Slot(*aux))
+
+
+def slots(per_leaf: list, keys) -> list:
+  """``per_leaf`` (per leaf a tuple of factors, or None) with the factors
+  ``keys`` ((leaf, factor) pairs) as Slots."""
+  keys = set(keys)
+  return [None if h is None else tuple(
+      Slot(f.shape, f.dtype) if (i, k) in keys else f
+      for k, f in enumerate(h)) for i, h in enumerate(per_leaf)]
+
+
+def in_vector(per_leaf: list) -> list:
+  """The (leaf, factor) pairs of ``per_leaf`` held in the vector (Slots),
+  in its order."""
+  return [(i, k) for i, h in enumerate(per_leaf) if h is not None
+          for k, f in enumerate(h) if isinstance(f, Slot)]
 
 
 def joinable(f: jax.Array) -> bool:
@@ -44,12 +89,16 @@ def starts_of(keys: list, hess: list) -> np.ndarray:
 
 
 def split_at_numbers(vector: jax.Array, keys: list, hess: list,
-                     numbers: list) -> dict:
+                     numbers: list, only=None) -> dict:
   """``vector`` cut into the factors ``keys`` ((leaf, factor) pairs, in
-  order) of ``hess``, each read at its leaf's number (_xla.leaf_piece)."""
+  order) of ``hess``, each read at its leaf's number (_xla.leaf_piece);
+  only the leaves ``only`` (a set; None: all)."""
+  if not keys:
+    return {}
   starts = starts_of(keys, hess)
   return {(i, k): _xla.leaf_piece(vector, starts[:, k], numbers[i],
-                                  hess[i][k].shape) for i, k in keys}
+                                  hess[i][k].shape)
+          for i, k in keys if only is None or i in only}
 
 
 def reader(vector, keys: list, alone: dict, hess: list, numbers: list):

@@ -32,13 +32,20 @@ class Rule(NamedTuple):
   # (hess, the leaves' numbers: hizoo_jax._xla.at_leaf) -> read(which):
   # H^{-1/2} of leaf `which` broadcastable to it, or of a tuple of
   # same-shaped leaves stacked (hizoo_jax.leaf_draws).
-  inv_sqrt: Callable[[list, list], Callable]
+  inv_sqrt: Callable[[Any, list], Callable]
   update: Callable  # (hess, stats, second, draws, shapes, rate, probe,
   # numbers) -> (new hess, new stats, inv_sqrt's read of the new hess)
-  last_array: Callable[[Any], jax.Array]  # what the update's z waits for.
-  shapes_fit: Callable[[Any, tuple], bool]
-  split: Callable  # (state.hessian, treedef) -> per leaf (None: frozen)
-  join: Callable  # (per leaf, treedef) -> state.hessian
+  last_array: Callable[[Any, int], jax.Array]  # (hess, leaf): what the
+  # update's z of that leaf waits for.
+  shapes_fit: Callable[[Any, tuple], bool]  # (a leaf's H, leaf shape)
+  split: Callable  # (state.hessian, treedef) -> hess: H as the rule
+  # computes with it.
+  per_leaf: Callable[[Any], list]  # hess -> per leaf (None: frozen)
+  store: Callable  # (hess, treedef, numbers) -> state.hessian, in the form
+  # split read.
+  join: Callable  # (per leaf, treedef) -> state.hessian (init).
+  carried_form: Callable  # (state.hessian, state.leaf_numbers, carried)
+  # -> the form hz.make_train_step's loop carries (carried) or the state's.
 
 
 def _paper_init(shape, granularity, axes, dtype, sharding, stacked):
@@ -75,6 +82,11 @@ def _paper_update(reference, hess, stats, second, draws, shapes, rate, probe,
   return new, stats, _paper_inv_sqrt(new, numbers)
 
 
+def _paper_store(hess, treedef, numbers):
+  del numbers  # H is an array per leaf.
+  return _paper_join(hess, treedef)
+
+
 def _paper_rule(reference):
   return Rule(
       granularities=("element", "factored"),
@@ -83,10 +95,13 @@ def _paper_rule(reference):
       init_stats=lambda: None,
       inv_sqrt=_paper_inv_sqrt,
       update=functools.partial(_paper_update, reference),
-      last_array=curvature.updated_array,
+      last_array=lambda hess, i: curvature.updated_array(hess[i]),
       shapes_fit=_paper_shapes_fit,
       split=_paper_split,
-      join=_paper_join)
+      per_leaf=lambda hess: hess,
+      store=_paper_store,
+      join=_paper_join,
+      carried_form=lambda hessian, numbers, carried: hessian)
 
 
 RULES = {
@@ -97,10 +112,13 @@ RULES = {
         init_stats=grouped_curvature.init_stats,
         inv_sqrt=grouped_curvature.inv_sqrt,
         update=grouped_curvature.update,
-        last_array=lambda h: h[0],
+        last_array=grouped_curvature.last_array,
         shapes_fit=grouped_curvature.shapes_fit,
         split=grouped_curvature.split,
-        join=grouped_curvature.join),
+        per_leaf=lambda hess: hess.per_leaf,
+        store=grouped_curvature.store,
+        join=grouped_curvature.join,
+        carried_form=grouped_curvature.carried_form),
     "paper": _paper_rule(False),
     "reference": _paper_rule(True),
 }

@@ -29,6 +29,9 @@ measurements in ``docs/performance.md``):
   after the loop instead, since XLA would copy that state to feed the loop;
   so do HiZOO-L and the row or column curvatures on a mesh, whose sums
   would be repeated on every phase.
+* Through the loop the estimator's curvature state is one vector
+  (``Perturbation.carry_state``): written on the last phase, each factor of
+  H was a select kernel of its own, two per leaf for HiZOO-L.
 
 The update itself is the optimizer's own ``update`` fed with the measured
 losses (``zo_losses``), so the result equals the plain ``tx.update`` path up to
@@ -156,6 +159,17 @@ def _moves(num_queries):
   return np.array(coeffs, np.float32), np.array(queries, np.int32)
 
 
+def _carried(opt_state, perturbation, carried: bool):
+  """``opt_state`` with its estimator state in the loop carry's form
+  (``carried``) or back in its own (Perturbation.carry_state)."""
+  if perturbation.carry_state is None:
+    return opt_state
+  return jax.tree.map(
+      lambda node: (perturbation.carry_state(node, carried)
+                    if isinstance(node, zo_state.ZOState) else node),
+      opt_state, is_leaf=lambda x: isinstance(x, zo_state.ZOState))
+
+
 def _update_in_loop(perturbation, opt_state, params) -> bool:
   """Whether the update can be the loop's last move (see :func:`_run`).
 
@@ -255,9 +269,13 @@ def _run(optimizer, opt_state, params, batch, loss_fn, perturbation,
     return theta, losses, state
 
   losses = jnp.zeros([num_phases], jnp.float32)
+  if update_in_loop:  # Written on the last phase: H as one vector, one select.
+    opt_state = _carried(opt_state, perturbation, True)
   params, losses, opt_state = lax.fori_loop(
       0, num_phases, body, (params, losses, opt_state))
-  if not update_in_loop:
+  if update_in_loop:
+    opt_state = _carried(opt_state, perturbation, False)
+  else:
     updates, opt_state = optimizer.update(
         None, opt_state, params, zo_losses=losses_of(losses))
     params = optax.apply_updates(params, updates)

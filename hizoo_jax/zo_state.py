@@ -48,6 +48,9 @@ class Perturbation(NamedTuple):
   ``light_update`` says whether the update is cheap to compute again: no
   noise pass beyond the direction's, except one for the curvature's sums
   (per tensor, or all groups in one loop on one device).
+  ``carry_state(state, carried)`` turns the estimator's state into the form
+  a loop should carry (``carried``: H as one vector; ``update`` accepts it
+  and returns its state in kind) and back; None: carry it as it is.
   """
 
   shift: Callable[[Any, Any, Any], Any]
@@ -55,6 +58,7 @@ class Perturbation(NamedTuple):
   evaluates_center: bool
   center_every: int = 1
   light_update: bool = True
+  carry_state: Optional[Callable[[Any, bool], Any]] = None
 
 
 class PerturbationProbe:

@@ -257,3 +257,40 @@ def test_curvature_every_skips_the_center_evaluation():
     params, state, _ = step(params, state, make_batch())
   jax.effects_barrier()
   assert len(calls) == 4 * 2 + 2
+
+
+@pytest.mark.parametrize("one_device", [True, False])
+def test_loop_carries_the_curvature_as_one_vector(one_device, monkeypatch):
+  """Perturbation.carry_state: H as one vector and back, losslessly; the
+  estimator updates either form alike and returns the form it was given.
+  On a mesh, factors sharded over its axes stay apart."""
+  if one_device:
+    monkeypatch.setattr(_xla, "single_device", lambda: True)
+  params = {"w": jnp.linspace(-1.0, 1.0, 24).reshape(6, 4),
+            "b": jnp.arange(4.0), "frozen": jnp.ones(3)}
+  tx = hz.scale_by_hizoo(0.05, 0.5, factored=True, min_dim_size_to_factor=2,
+                         mask={"w": True, "b": True, "frozen": False})
+  value_fn = lambda p: jnp.sum(jnp.square(p["w"])) + jnp.sum(p["b"] ** 4)
+  state = tx.init(params)
+  for _ in range(3):  # H moves away from 1.
+    _, state = jax.jit(lambda s: tx.update(None, s, params,
+                                           value_fn=value_fn))(state)
+  probe = hz.PerturbationProbe()
+  tx.update(None, state, params, zo_probe=probe)
+  to_carry = probe.perturbation.carry_state
+  carried = to_carry(state, True)
+  vectors = jax.tree.leaves(carried.hessian)
+  if one_device:  # Four factors (w's rows and columns, b's two) in one.
+    assert len(vectors) == 1 and vectors[0].shape == (6 + 4 + 1 + 1,)
+  else:  # w's rows and columns apart (not surely replicated), b's joined.
+    assert sorted(v.size for v in vectors) == [2, 4, 6], vectors
+  jax.tree.map(np.testing.assert_array_equal, to_carry(carried, False),
+               state)
+
+  def update(s):
+    return tx.update(None, s, params, value_fn=value_fn)
+  want_updates, want = jax.jit(update)(state)
+  got_updates, got = jax.jit(update)(carried)
+  assert type(got.hessian) is type(carried.hessian)
+  jax.tree.map(np.testing.assert_array_equal, got_updates, want_updates)
+  jax.tree.map(np.testing.assert_array_equal, to_carry(got, False), want)
