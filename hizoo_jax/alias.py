@@ -47,7 +47,8 @@ def _tail(learning_rate, weight_decay, weight_decay_mask, mask):
       optax.add_decayed_weights(
           weight_decay, mask=_decay_mask(weight_decay_mask, mask)),
       # Same state as scale_by_learning_rate; warns if bf16 steps round away.
-      precision.warn_on_rounding(optax.scale_by_learning_rate(learning_rate)),
+      precision.warn_on_rounding(
+          optax.scale_by_learning_rate(learning_rate), mask),
   )
 
 

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from hizoo_jax import _checks
@@ -36,6 +37,13 @@ from hizoo_jax import zo_state
 # Salt for the rounding noise's query index: unlike any num_queries in use,
 # so the rounding bits are independent of every z of the step.
 _ROUNDING_QUERY = 0x5EED
+# warn_on_rounding counts a sample: each leaf it counts is a fusion with its
+# own copy of the update's noise generator and a pass of its own over it
+# (the count cannot share the update's fusion), which doubled the step's
+# program for bf16 parameters. The leading entries of a few of the largest
+# trainable leaves tell whether the steps round away.
+_SAMPLE_LEAVES = 4
+_SAMPLE_SIZE = 4096
 
 
 def is_low_precision(x) -> bool:
@@ -244,17 +252,54 @@ def _report_rounding(lost, moved, final=True) -> None:
         "parameters in float32 (see docs/api.md, Low precision).")
 
 
-def warn_on_rounding(inner=None) -> optax.GradientTransformationExtraArgs:
+def _leading_block(shape, size: int) -> tuple:
+  """Index of the leading entries of an array of ``shape``: about ``size``
+  of them (at least one, whole rows of the axes that fit)."""
+  index = []
+  for axis, n in enumerate(shape):
+    inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
+    take = max(1, min(n, -(-size // inner)))
+    index.append(slice(0, take))
+    if take > 1 or inner <= size:
+      break
+  return tuple(index)
+
+
+def _rounding_sample(pairs: list) -> list:
+  """The (param, update) pairs the rounding check counts: the leading
+  entries of the largest leaves (whole leaves where Explicit mesh axes
+  shard them: slicing those may need a collective)."""
+  largest = sorted(range(len(pairs)), key=lambda i: -jnp.size(pairs[i][0]))
+  sample = []
+  for i in sorted(largest[:_SAMPLE_LEAVES]):
+    x, u = pairs[i]
+    sharding = noise.explicit_sharding(x)
+    if jnp.ndim(x) and (sharding is None
+                        or all(s is None for s in sharding.spec)):
+      index = _leading_block(jnp.shape(x), _SAMPLE_SIZE)
+      x, u = x[index], u[index]
+    sample.append((x, u))
+  return sample
+
+
+def warn_on_rounding(inner=None, mask=None
+                     ) -> optax.GradientTransformationExtraArgs:
   """``inner`` (default: identity), warning once when updates round away.
 
-  Put it last in a chain. For low-precision parameters it counts the
-  non-zero updates for which ``w + update`` rounds back to ``w``; if that is
-  more than half of them, a ``RuntimeWarning`` is issued (once per process,
-  from a ``jax.debug.callback``). float32 parameters add no computation.
+  Put it last in a chain. For low-precision parameters it counts, in a
+  sample of the updates, the non-zero ones for which ``w + update`` rounds
+  back to ``w``; if that is more than half of them, a ``RuntimeWarning`` is
+  issued (once per process, from a ``jax.debug.callback``). The sample: the
+  first ~4096 entries of each of the 4 largest trainable low-precision
+  leaves (counting every leaf would draw each update's noise again, leaf by
+  leaf). float32 parameters add no computation.
 
   Args:
     inner: the transformation whose updates are checked (its state is kept
       as is, so wrapping adds no state).
+    mask: the trainable leaves (a tree of bools, a prefix of params or a
+      callable, as in the aliases); the sample is taken among them. None:
+      every leaf.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with ``inner``'s state.
@@ -267,12 +312,14 @@ def warn_on_rounding(inner=None) -> optax.GradientTransformationExtraArgs:
     if (params is None or extra_args.get("zo_probe") is not None
         or _HANDLED[0]):
       return updates, state
-    pairs = [(x, u) for x, u in zip(jax.tree.leaves(params),
-                                    jax.tree.leaves(updates))
-             if is_low_precision(x)]
+    trainable = (jax.tree.map(lambda _: True, params) if mask is None
+                 else _checks.full_mask(mask, params))
+    pairs = [(x, u) for x, u, keep in zip(
+        jax.tree.leaves(params), jax.tree.leaves(updates),
+        jax.tree.leaves(trainable)) if keep and is_low_precision(x)]
     if pairs:
       lost = moved = jnp.zeros([], jnp.int32)
-      for x, u in pairs:
+      for x, u in _rounding_sample(pairs):
         step = u.astype(jnp.float32) != 0
         same = (x.astype(jnp.float32) + u.astype(jnp.float32)).astype(
             x.dtype) == x
