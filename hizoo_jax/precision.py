@@ -38,10 +38,11 @@ from hizoo_jax import zo_state
 # so the rounding bits are independent of every z of the step.
 _ROUNDING_QUERY = 0x5EED
 # warn_on_rounding counts a sample: each leaf it counts is a fusion with its
-# own copy of the update's noise generator and a pass of its own over it
-# (the count cannot share the update's fusion), which doubled the step's
-# program for bf16 parameters. The leading entries of a few of the largest
-# trainable leaves tell whether the steps round away.
+# own copy of the update's noise generator (the count cannot share the
+# update's fusion; counting every leaf doubled the step's program for bf16
+# parameters), and XLA stores that leaf's update. The leading entries of a
+# few of the smallest trainable matrices tell whether the weights' steps
+# round away, for the temporaries of a small matrix.
 _SAMPLE_LEAVES = 4
 _SAMPLE_SIZE = 4096
 
@@ -267,11 +268,14 @@ def _leading_block(shape, size: int) -> tuple:
 
 def _rounding_sample(pairs: list) -> list:
   """The (param, update) pairs the rounding check counts: the leading
-  entries of the largest leaves (whole leaves where Explicit mesh axes
-  shard them: slicing those may need a collective)."""
-  largest = sorted(range(len(pairs)), key=lambda i: -jnp.size(pairs[i][0]))
+  entries of the smallest matrices (of the smallest leaves if none is a
+  matrix; whole leaves where Explicit mesh axes shard them: slicing those
+  may need a collective)."""
+  matrices = [i for i, (x, _) in enumerate(pairs) if jnp.ndim(x) >= 2]
+  chosen = sorted(matrices or range(len(pairs)),
+                  key=lambda i: jnp.size(pairs[i][0]))[:_SAMPLE_LEAVES]
   sample = []
-  for i in sorted(largest[:_SAMPLE_LEAVES]):
+  for i in sorted(chosen):
     x, u = pairs[i]
     sharding = noise.explicit_sharding(x)
     if jnp.ndim(x) and (sharding is None
@@ -290,9 +294,10 @@ def warn_on_rounding(inner=None, mask=None
   sample of the updates, the non-zero ones for which ``w + update`` rounds
   back to ``w``; if that is more than half of them, a ``RuntimeWarning`` is
   issued (once per process, from a ``jax.debug.callback``). The sample: the
-  first ~4096 entries of each of the 4 largest trainable low-precision
-  leaves (counting every leaf would draw each update's noise again, leaf by
-  leaf). float32 parameters add no computation.
+  first ~4096 entries of each of the 4 smallest trainable low-precision
+  matrices (leaves, if none is a matrix). Counting every leaf drew each
+  update's noise again, leaf by leaf, and XLA stores each counted leaf's
+  update. float32 parameters add no computation.
 
   Args:
     inner: the transformation whose updates are checked (its state is kept

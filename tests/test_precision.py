@@ -184,8 +184,8 @@ def test_rounding_check_stores_less_than_a_float32_copy(monkeypatch):
 
 
 def test_rounding_check_counts_a_sample_of_fixed_size(monkeypatch):
-  """The aliases' check counts the leading entries of the 4 largest
-  trainable leaves: per bf16 leaf the step grows as it does without the
+  """The aliases' check counts the leading entries of the 4 smallest
+  trainable matrices: per bf16 leaf the step grows as it does without the
   check. Counting every leaf drew each update's noise again in a fusion of
   its own (MeZO: 201 instructions per leaf against 108)."""
   from hizoo_jax import _xla

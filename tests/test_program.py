@@ -182,13 +182,13 @@ def test_program_grows_per_leaf_at_a_bounded_rate(one_device, monkeypatch):
   the move and the update: moves, restore and update are one expression in
   the loop): MeZO 95 per leaf, 12x the forward's growth. HiZOO's sums of
   z^2 are one loop for all leaves and its rule one vector
-  (hizoo_jax.range_sums; 122 per leaf, 15x; HiZOO-L 149). On a mesh HiZOO
-  sums leaf by leaf, each sum sharded like its leaf (275 per leaf, 34x).
+  (hizoo_jax.range_sums; 116 per leaf, 15x; HiZOO-L 137). On a mesh HiZOO
+  sums leaf by leaf, each sum sharded like its leaf (269 per leaf, 34x).
   Those copies are alike, and XLA compiles each distinct kernel once.
   Stacked layers do not pay per leaf at all (test above). The loop carries
   per leaf only the leaf and its number: H rides as one vector
   (grouped_curvature.Carried), where each factor written on the last phase
-  was a kernel of its own (HiZOO-L: 149 instructions per leaf, now 137).
+  was a kernel of its own (HiZOO 122, HiZOO-L 149 instructions per leaf).
   """
   if one_device:
     monkeypatch.setattr(_xla, "single_device", lambda: True)
