@@ -269,9 +269,12 @@ def update(factors: Factors, stats: GroupedStats, second: jax.Array, draw,
   dim = float(sum(np.prod(shapes[i]) for i in live))
   # The group sums of (z^2 - 1), shape (q, *factor shape), per leaf and
   # factor. HiZOO-L's second per-tensor factor of a non-matrix leaf has the
-  # same groups as its first: same sums.
+  # same groups as its first: same sums. In one loop they are drawn again
+  # (a few rows), so that the sums come out in the vector's order, one
+  # array: the copies made a slice kernel per leaf and a concatenation.
+  one_loop = range_sums.in_one_loop()
   own = [(i, k) for i in live for k, f in enumerate(hess[i])
-         if not (k and f.shape == hess[i][0].shape)]
+         if one_loop or not (k and f.shape == hess[i][0].shape)]
   sums = dict(zip(own, range_sums.group_sums(
       draw, [(i, joined_factors.shared_axes(hess[i][k].shape, shapes[i]))
              for i, k in own],
