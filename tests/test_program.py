@@ -21,9 +21,11 @@ def instructions(compiled) -> int:
   return sum(1 for line in compiled.as_text().splitlines() if " = " in line)
 
 
-def distinct_kernels(compiled) -> int:
-  """How many fused computations differ other than by their names."""
-  bodies = re.findall(r"\n%?fused_computation[\w.]* \(.*?\n(.*?)\n\}",
+def distinct_kernels(compiled, wrapped=False) -> int:
+  """How many fused computations (and, if ``wrapped``, single operations
+  wrapped as kernels) differ other than by their names."""
+  kind = r"(?:fused|wrapped_\w+)" if wrapped else "fused"
+  bodies = re.findall(rf"\n%?{kind}_computation[\w.]* \(.*?\n(.*?)\n\}}",
                       compiled.as_text(), re.S)
   names = r"%[\w.\-]+|metadata=\{[^}]*\}|, (backend_config|frontend_attr).*"
   return len({re.sub(names, "", body) for body in bodies})
