@@ -203,14 +203,6 @@ def init_stats() -> GroupedStats:
                       probes=jnp.zeros([], jnp.int32))
 
 
-def hessian(h: tuple) -> jax.Array:
-  """H, broadcastable to the leaf."""
-  out = h[0]
-  for f in h[1:]:
-    out = out * f
-  return out
-
-
 def inv_sqrt(hess: Factors, numbers: list):
   """``read(which)``: H^{-1/2} of leaf ``which`` (an int), broadcastable to
   it, or of the same-shaped leaves ``which`` (a tuple), stacked.
@@ -285,7 +277,7 @@ def update(factors: Factors, stats: GroupedStats, second: jax.Array, draw,
   # sum(z^2) over every coordinate: each leaf's first factor's groups.
   # Drawn in one loop, one sum of them all (leaf by leaf, a kernel per
   # leaf); on a mesh, leaf by leaf, each sharded like its leaf.
-  if range_sums.in_one_loop():
+  if one_loop:
     first = np.concatenate([np.full(sums[i, k].size // num_queries, k == 0)
                             for i, k in own])
     norm_sq = dim + jnp.sum(jnp.where(first, jnp.concatenate(

@@ -34,12 +34,6 @@ SMALL_SHARE = 128
 SMALL_SIZE = 2**16
 
 
-def _replicated(x) -> bool:
-  """Whether ``x`` lies on no Explicit mesh axis (a shared draw fits it)."""
-  sharding = noise.explicit_sharding(x)
-  return sharding is None or all(s is None for s in sharding.spec)
-
-
 def small_groups(leaves: Sequence, trainable: Sequence[bool]
                  ) -> list[tuple[int, ...]]:
   """The leaves drawn together: tuples (of two or more) of leaf positions.
@@ -58,7 +52,7 @@ def small_groups(leaves: Sequence, trainable: Sequence[bool]
     used += sizes[i]
     if used > budget or sizes[i] > SMALL_SIZE:
       break
-    if _replicated(leaves[i]):
+    if noise.on_no_explicit_axis(leaves[i]):  # a shared draw fits it
       by_shape.setdefault(tuple(jnp.shape(leaves[i])), []).append(i)
   return [tuple(sorted(g)) for g in by_shape.values() if len(g) > 1]
 

@@ -127,6 +127,12 @@ def explicit_sharding(x):
   return sharding
 
 
+def on_no_explicit_axis(x) -> bool:
+  """Whether ``x`` lies on no Explicit mesh axis (whole on every device)."""
+  sharding = explicit_sharding(x)
+  return sharding is None or all(s is None for s in sharding.spec)
+
+
 def _flat_index(shape, sharding=None) -> jax.Array:
   """The row-major position of every element of ``shape``, as uint32."""
   index = jnp.zeros(shape, jnp.uint32, out_sharding=sharding)

@@ -277,9 +277,7 @@ def _rounding_sample(pairs: list) -> list:
   sample = []
   for i in sorted(chosen):
     x, u = pairs[i]
-    sharding = noise.explicit_sharding(x)
-    if jnp.ndim(x) and (sharding is None
-                        or all(s is None for s in sharding.spec)):
+    if jnp.ndim(x) and noise.on_no_explicit_axis(x):
       index = _leading_block(jnp.shape(x), _SAMPLE_SIZE)
       x, u = x[index], u[index]
     sample.append((x, u))
