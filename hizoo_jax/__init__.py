@@ -26,6 +26,7 @@ from hizoo_jax.flax_utils import (
 )
 from hizoo_jax.lora import lora_init, lora_merge
 from hizoo_jax.masking import MaskedTailState, masked_chain
+from hizoo_jax.skipping import chain
 from hizoo_jax.precision import (
     MasterWeightsState,
     master_weights,
@@ -55,6 +56,7 @@ __all__ = [
     "abstract_state",
     "all_steps",
     "cast_floating",
+    "chain",
     "find_state",
     "hizoo",
     "hizoo_l",

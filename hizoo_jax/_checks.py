@@ -49,11 +49,32 @@ def static_int(x, name: str, minimum: int) -> int:
   return value
 
 
+# mu^2 below this underflows float32: the curvature's q = D / (2 mu^2) is NaN.
+_MU_MIN = float(np.sqrt(np.finfo(np.float32).tiny))
+
+
+def check_number(value, name: str, minimum: float = 0.0) -> None:
+  """A float hyperparameter or schedule: finite and >= ``minimum`` if static."""
+  if isinstance(value, (str, bytes)) or not (
+      callable(value) or isinstance(value, (int, float, np.number, jax.Array,
+                                            np.ndarray))):
+    raise TypeError(
+        f"{name} must be a float or an optax schedule (a callable of the step "
+        f"count), got {value!r} ({type(value).__name__}).")
+  if not callable(value) and np.ndim(value) != 0:
+    raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}.")
+  number = concrete_float(value)
+  if number is not None and not minimum <= number < float("inf"):
+    raise ValueError(f"{name} must be finite and >= {minimum}, got {value!r}.")
+
+
 def check_hyperparams(mu, hessian_smooth=None) -> None:
+  check_number(mu, "mu")
   mu_value = concrete_float(mu)
-  if mu_value is not None and not 0 < mu_value < float("inf"):
+  if mu_value is not None and not _MU_MIN <= mu_value < float("inf"):
     raise ValueError(
-        f"mu (the perturbation scale) must be finite and > 0, got {mu!r}.")
+        f"mu (the perturbation scale) must be finite and >= {_MU_MIN:.1e} "
+        f"(2 mu^2 must not underflow float32), got {mu!r}.")
   if hessian_smooth is not None:
     rate = concrete_float(hessian_smooth)
     if rate is not None and not 0.0 <= rate <= 1.0:
@@ -69,10 +90,18 @@ def step_hyperparams(mu_t, hessian_smooth, count):
   skipped (the caller folds ``valid`` into its finite flag); ``mu`` is then
   replaced by 1 so that no division by it makes NaN that could leak into H.
   """
-  valid = jnp.isfinite(mu_t) & (mu_t > 0)
+  if jnp.shape(mu_t) != ():
+    raise ValueError(
+        f"mu must be a scalar at every step; the schedule gave shape "
+        f"{jnp.shape(mu_t)}.")
+  valid = jnp.isfinite(mu_t) & (mu_t >= _MU_MIN)
   if hessian_smooth is not None:
     rate = hessian_smooth(count) if callable(hessian_smooth) else hessian_smooth
     rate = jnp.asarray(rate, jnp.float32)
+    if rate.shape != ():
+      raise ValueError(
+          f"hessian_smooth must be a scalar; the schedule gave shape "
+          f"{rate.shape}.")
     valid &= (rate >= 0) & (rate <= 1)  # False for NaN too.
   return jnp.where(valid, mu_t, jnp.ones_like(mu_t)), valid
 
@@ -166,10 +195,13 @@ def _leaf_flags(tree, params, treedef, paths, name) -> list[bool]:
 
 
 def trainable_leaves(mask, params, treedef, paths) -> list[bool]:
-  """One bool per leaf of ``params``: False where ``mask`` leaves it out."""
+  """One bool per leaf of ``params``: False where ``mask`` leaves it out,
+  and for leaves with no elements (nothing to perturb)."""
+  sizes = [np.size(x) for x in treedef.flatten_up_to(params)]
   if mask is None:
-    return [True] * len(paths)
-  out = _leaf_flags(mask, params, treedef, paths, "mask")
+    return [n > 0 for n in sizes]
+  out = [keep and n > 0 for keep, n in zip(
+      _leaf_flags(mask, params, treedef, paths, "mask"), sizes)]
   if out and not any(out):
     raise ValueError(
         "mask freezes every parameter: the estimator would train nothing. "
@@ -209,6 +241,13 @@ def check_params(params) -> None:
     raise ValueError(
         "This zeroth-order estimator needs the current params: call "
         "update(updates, state, params, value_fn=...).")
+  for path, leaf in jax.tree_util.tree_leaves_with_path(
+      params, is_leaf=_is_masked_node):
+    if not isinstance(leaf, optax.MaskedNode) and not hasattr(leaf, "dtype"):
+      raise TypeError(
+          f"parameter {jax.tree_util.keystr(path)} is a "
+          f"{type(leaf).__name__} ({leaf!r}), not an array: pass params as "
+          "arrays, e.g. jax.tree.map(jnp.asarray, params).")
   if any(map(_is_masked_node,
              jax.tree.leaves(params, is_leaf=_is_masked_node))):
     raise ValueError(
@@ -235,6 +274,10 @@ def value_fn_kwargs(value_fn, extra_args: dict[str, Any]) -> dict[str, Any]:
 
 def check_loss(loss, where: str):
   """The loss as a float array of shape (), or a clear error."""
+  if loss is None:
+    raise TypeError(
+        f"value_fn returned None at {where}: it must return the scalar loss "
+        "(did it miss a return statement?).")
   if isinstance(loss, (tuple, list, dict)):
     raise TypeError(
         f"value_fn must return a scalar loss, got a {type(loss).__name__} at "

@@ -1,7 +1,8 @@
 """Ready-to-use optimizers: estimator, decoupled weight decay, learning rate.
 
-Each alias is ``optax.chain(estimator, add_decayed_weights, scale_by_learning_rate)``,
-so its state is a tuple whose first entry is the estimator's
+Each alias is ``hz.chain(estimator, add_decayed_weights,
+scale_by_learning_rate)`` (:func:`hizoo_jax.chain`: a skipped step moves
+nothing), so its state is a tuple whose first entry is the estimator's
 :class:`~hizoo_jax.estimator.ZOState`. The learning-rate step is wrapped in
 :func:`hizoo_jax.precision.warn_on_rounding` (same state; for bf16/fp16
 parameters it warns once when the steps round away). Options that shape the computation
@@ -20,6 +21,7 @@ import optax
 from hizoo_jax import _checks
 from hizoo_jax import estimator as _estimator
 from hizoo_jax import precision
+from hizoo_jax import skipping
 from hizoo_jax.estimator import ScalarOrSchedule
 
 
@@ -42,13 +44,32 @@ def _decay_mask(weight_decay_mask, trainable_mask):
   return mask_fn
 
 
+def _guarded(value, name):
+  """``value`` checked if static; a schedule's invalid values become 0.
+
+  A schedule may reach NaN or a negative value long after construction: the
+  step then does not move by that term (with a NaN learning rate, not at
+  all) instead of writing NaN into the parameters.
+  """
+  _checks.check_number(value, name)
+  if not callable(value):
+    return value
+
+  def schedule(count):
+    v = jnp.asarray(value(count), jnp.float32)
+    return jnp.where(jnp.isfinite(v) & (v >= 0), v, 0.0)
+  return schedule
+
+
 def _tail(learning_rate, weight_decay, weight_decay_mask, mask):
   return (
       optax.add_decayed_weights(
-          weight_decay, mask=_decay_mask(weight_decay_mask, mask)),
+          _guarded(weight_decay, "weight_decay"),
+          mask=_decay_mask(weight_decay_mask, mask)),
       # Same state as scale_by_learning_rate; warns if bf16 steps round away.
       precision.warn_on_rounding(
-          optax.scale_by_learning_rate(learning_rate), mask),
+          optax.scale_by_learning_rate(
+              _guarded(learning_rate, "learning_rate")), mask),
   )
 
 
@@ -69,6 +90,7 @@ def hizoo(
     hessian_dtype=None,
     weight_decay_mask=None,
     stacked=None,
+    program: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""HiZOO: Hessian-informed zeroth-order optimizer (arXiv 2402.15173).
 
@@ -98,6 +120,8 @@ def hizoo(
     weight_decay_mask: override of the default decay mask.
     stacked: tree of bools or callable; True marks leaves whose leading axis
       stacks layers (each layer keeps its own curvature).
+    program: ``"plain"``, ``"compact"`` or ``"auto"`` (None): how the
+      estimator is compiled (:mod:`hizoo_jax.program`); same numbers.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs
@@ -112,7 +136,7 @@ def hizoo(
     >>> updates, state = tx.update(None, state, params, value_fn=loss)
     >>> params = optax.apply_updates(params, updates)
   """
-  return optax.chain(
+  return skipping.chain(
       _estimator.scale_by_hizoo(
           mu, hessian_smooth, estimator=estimator, curvature=curvature,
           factored=factored,
@@ -122,7 +146,7 @@ def hizoo(
           num_queries=1 if num_queries is None else num_queries,
           mask=mask, key=key,
           hessian_dtype=jnp.float32 if hessian_dtype is None else hessian_dtype,
-          stacked=stacked),
+          stacked=stacked, program=program),
       *_tail(learning_rate, weight_decay, weight_decay_mask, mask),
   )
 
@@ -142,6 +166,7 @@ def hizoo_l(
     hessian_dtype=None,
     weight_decay_mask=None,
     stacked=None,
+    program: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """HiZOO-L: :func:`hizoo` with row/column factored curvature.
 
@@ -163,7 +188,7 @@ def hizoo_l(
       min_dim_size_to_factor=min_dim_size_to_factor,
       curvature_every=curvature_every, num_queries=num_queries,
       mask=mask, hessian_dtype=hessian_dtype,
-      weight_decay_mask=weight_decay_mask, stacked=stacked)
+      weight_decay_mask=weight_decay_mask, stacked=stacked, program=program)
 
 
 def mezo(
@@ -175,6 +200,7 @@ def mezo(
     num_queries: Optional[int] = None,
     mask=None,
     weight_decay_mask=None,
+    program: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MeZO (ZO-SGD, arXiv 2305.17333): the two-evaluation baseline.
 
@@ -190,6 +216,7 @@ def mezo(
     num_queries: perturbations averaged per step (None: 1).
     mask: tree of bools or callable; False leaves are frozen.
     weight_decay_mask: override of the default decay mask.
+    program: how the estimator is compiled (:mod:`hizoo_jax.program`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -201,9 +228,9 @@ def mezo(
     >>> updates, state = tx.update(
     ...     None, tx.init(params), params, value_fn=lambda p: p["w"] @ p["w"])
   """
-  return optax.chain(
+  return skipping.chain(
       _estimator.scale_by_mezo(
           mu, num_queries=1 if num_queries is None else num_queries,
-          mask=mask, key=key),
+          mask=mask, key=key, program=program),
       *_tail(learning_rate, weight_decay, weight_decay_mask, mask),
   )

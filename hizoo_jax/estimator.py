@@ -24,6 +24,9 @@ from hizoo_jax import leaf_draws
 from hizoo_jax import rules
 from hizoo_jax import noise
 from hizoo_jax import range_sums
+from hizoo_jax import program as _program
+from hizoo_jax.core import estimators as core
+from hizoo_jax.core import rules as core_rules
 from hizoo_jax.zo_state import Perturbation, ZOState
 
 ScalarOrSchedule = float | jax.Array | optax.Schedule
@@ -50,6 +53,7 @@ def _zo_estimator(
     key,
     hessian_dtype,
     stacked=None,
+    program=None,
 ) -> optax.GradientTransformationExtraArgs:
   """HiZOO when ``estimator`` is given, MeZO when it is None."""
   with_curvature = estimator is not None
@@ -81,6 +85,14 @@ def _zo_estimator(
   if with_curvature and not param_dtype_h and not jnp.issubdtype(
       hessian_dtype, jnp.floating):
     raise TypeError(f"hessian_dtype must be a float dtype, got {hessian_dtype}.")
+  if _program.resolve(program) == "plain":
+    config = core.Config(
+        mu=mu, num_queries=num_queries, mask=mask, key=key,
+        rule=core_rules.RULES[estimator] if with_curvature else None,
+        rate=hessian_smooth, granularity=granularity, min_dim=min_dim,
+        every=every, hessian_dtype=hessian_dtype, stacked=stacked)
+    return (core.hizoo_transform(config) if with_curvature
+            else core.mezo_transform(config))
 
   def flatten(params):
     """Leaves, paths, treedef and the trainable flag of every leaf."""
@@ -221,11 +233,12 @@ def _zo_estimator(
     center, plus, minus = evaluation.losses(
         params, shift, value_fn, extra_args, num_queries,
         with_curvature, probe if every > 1 else None)
-    finite = jnp.all(jnp.isfinite(plus)) & jnp.all(jnp.isfinite(minus))
+    grad = (plus - minus) / (2 * mu_t)  # (q,); finite losses may overflow it
+    finite = jnp.all(jnp.isfinite(grad))
     finite &= valid  # A schedule or injected value out of range: skip.
     if with_curvature:
-      finite &= jnp.isfinite(center) | ~probe
-    grad = (plus - minus) / (2 * mu_t)  # (q,)
+      finite &= jnp.all(jnp.isfinite(
+          ((plus - center) + (minus - center)) / (2 * mu_t**2))) | ~probe
     grad_used = _xla.computed_once(
         jnp.where(finite, grad, 0.0).astype(jnp.float32), zero)
 
@@ -295,6 +308,7 @@ def scale_by_hizoo(
     key=0,
     hessian_dtype=None,
     stacked=None,
+    program: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""HiZOO's Hessian-informed zeroth-order gradient estimate.
 
@@ -356,6 +370,8 @@ def scale_by_hizoo(
       (``nnx.scan``, ``nn.scan``, ``lax.scan`` over stacked weights): each
       layer then keeps its own curvature, as separate leaves would, and is
       never factored over its layer axis. None: no leaf is stacked.
+    program: ``"plain"``, ``"compact"`` or ``"auto"`` (None): how the
+      mathematics is compiled (:mod:`hizoo_jax.program`); same numbers.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update(updates, state,
@@ -386,7 +402,7 @@ def scale_by_hizoo(
       num_queries=1 if num_queries is None else num_queries,
       mask=mask, key=key,
       hessian_dtype=jnp.float32 if hessian_dtype is None else hessian_dtype,
-      stacked=stacked)
+      stacked=stacked, program=program)
 
 
 def scale_by_mezo(
@@ -395,6 +411,7 @@ def scale_by_mezo(
     num_queries: Optional[int] = None,
     mask=None,
     key=0,
+    program: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MeZO's two-point zeroth-order gradient estimate (ZO-SGD direction).
 
@@ -411,6 +428,8 @@ def scale_by_mezo(
     mask: tree of bools like params or a prefix of it (or a callable); False
       leaves are frozen.
     key: int seed, typed PRNG key or raw key data for the noise.
+    program: ``"plain"``, ``"compact"`` or ``"auto"`` (None), see
+      :mod:`hizoo_jax.program`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (``update`` needs
@@ -428,4 +447,4 @@ def scale_by_mezo(
       mu=mu, hessian_smooth=None, estimator=None, granularity=None,
       min_dim_size_to_factor=1, curvature_every=1,
       num_queries=1 if num_queries is None else num_queries,  # see hizoo
-      mask=mask, key=key, hessian_dtype=jnp.float32)
+      mask=mask, key=key, hessian_dtype=jnp.float32, program=program)

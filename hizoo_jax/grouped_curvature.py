@@ -1,41 +1,13 @@
-"""HiZOO's default curvature rule: signed, baselined, grouped, in log space.
+"""HiZOO's default curvature rule in the compact program.
 
-One HiZOO step yields one scalar about the curvature,
-
-    q = (l+ + l- - 2 l0) / (2 mu^2)  ~  1/2 sum_i lambda_i z_i^2,
-    lambda_i = A_ii / H_i
-
-(A the loss Hessian, H the current estimate, z the step's noise). The
-published rule turns that scalar into d per-coordinate estimates with an
-absolute value, which needs on the order of d^2 steps to carry any
-information (``docs/algorithm.md``). This rule learns H per *group* of
-coordinates instead (a tensor, a row, a column, row x column factors) and
-removes most of the noise before averaging:
-
-    b      = running mean of q                        (baseline, past steps)
-    lam    = 2 b / d                                  (mean of lambda)
-    y      = q - b * (sum_i z_i^2) / d                (q minus its prediction)
-    rho_G  = mean_{i in G}(z_i^2 - 1) * y / lam       E[rho_G] = lam_G/lam - 1
-    v      = running mean of (y / lam)^2              (noise of the residual)
-    log H_G += clip(rate / K * min(1, n_G / (2 v)) * rho_G, +-CLIP)
-    H      /= mean_i H_i                              (mean 1 over all leaves)
-    H       = max(H, FLOOR)                           (FLOOR = 1e-4)
-
-``E[(z_i^2 - 1) z_i^2] = kappa - 1`` (kappa = E[z^4], 2.92 for the
-library's noise, 3 for a normal z) makes ``rho_G`` unbiased, up to the factor
-``(kappa - 1) / 2``, for the relative mismatch of group G, so H moves up where the step under-estimates the
-curvature and down where it over-estimates it; the fixed point is H
-proportional to the group means of diag(A). Subtracting ``b sum z^2 / d``
-(known once z is drawn) removes the part of q common to all groups, so the
-noise left in ``rho_G`` comes only from the remaining mismatch, the
-off-diagonal curvature and non-quadratic terms; the gain ``min(1, n_G / (2
-v))`` caps the step noise of a group of ``n_G`` coordinates to about
-``rate / 2`` in log H (``v`` measures ``var(y / lam)``). A leaf with ``K``
-factors (HiZOO-L: rows and columns) splits the rate between them.
-
-The mean-1 normalisation keeps ``tr(A / H)``, which bounds the stable
-learning rate of a zeroth-order step, at its value for H = 1 along the way
-to H proportional to diag(A): the learning rate keeps MeZO's meaning.
+The mathematics is :mod:`hizoo_jax.core.signed_rule`; this is the same rule
+compiled for XLA:CPU (:mod:`hizoo_jax.program`): every leaf's factors are one
+vector (:mod:`hizoo_jax.joined_factors`), so the rule is a few vector
+operations for the whole model instead of a few kernels per leaf; the sums of
+z^2 - 1 over groups are drawn in one loop on one device
+(:mod:`hizoo_jax.range_sums`); shared scalars are stored once
+(:func:`hizoo_jax._xla.computed_once`); through the lean step's loop the
+state holds H as one vector (:class:`Carried`).
 """
 
 from __future__ import annotations
@@ -51,16 +23,11 @@ from jax import lax
 from hizoo_jax import _xla
 from hizoo_jax import joined_factors
 from hizoo_jax import range_sums
-
-GRANULARITIES = ("tensor", "row", "column", "factored", "element")
-DEFAULT_RATE = 0.05
-STATS_RATE = 0.1  # the running means b and v forget at this rate.
-CLIP = 0.5  # at most a factor e^0.5 per factor and step.
-# H relative to its mean never drops below this: a tensor with no curvature
-# (a LoRA factor multiplied by zeros, a dead unit) would otherwise get an
-# unbounded step. Curvature 1e4 times below the mean is still represented.
-FLOOR = 1e-4
-
+# The rule's constants, state types and pure helpers are the core's.
+from hizoo_jax.core.signed_rule import (  # pylint: disable=unused-import
+    CLIP, DEFAULT_RATE, FLOOR, GRANULARITIES, STATS_RATE, GroupedStats,
+    factor_shapes, factor_sharding, init, init_stats, num_factors,
+    shapes_fit)
 
 class Factors(NamedTuple):
   """H as this rule computes with it (:func:`split`)."""
@@ -83,43 +50,6 @@ class Carried(NamedTuple):
 
   vector: Optional[jax.Array]  # (n,) float: as Factors.vector.
   trees: tuple  # the state's trees of factors, those in `vector` as Slots.
-
-
-class GroupedStats(NamedTuple):
-  """Running statistics of the probes, shared by all leaves."""
-
-  baseline: jax.Array  # (), float32: running mean b of q = D / (2 mu^2).
-  spread: jax.Array  # (), float32: running mean v of (y / lam)^2.
-  probes: jax.Array  # (), int32: curvature probes taken.
-
-
-def factor_shapes(shape, granularity: str,
-                  factored_axes: Optional[tuple[int, int]],
-                  stacked: bool = False) -> list[tuple]:
-  """The factor shapes of a leaf of ``shape`` at ``granularity``.
-
-  ``factored_axes`` (for "row", "column", "factored") are the leaf's (row,
-  col) axes, or None for a leaf that is not a matrix (it gets one factor per
-  tensor). A ``stacked`` leaf holds one tensor per entry of its leading axis
-  (scanned layers): each layer gets its own factors.
-  """
-  shape = tuple(shape)
-  if granularity == "element":
-    return [shape]
-  if granularity == "tensor" or factored_axes is None:
-    # HiZOO-L keeps two factors per leaf: both per tensor here.
-    lead = 1 if stacked else 0
-    per_tensor = shape[:lead] + (1,) * (len(shape) - lead)
-    return [per_tensor] * num_factors(granularity)
-  row_axis, col_axis = factored_axes
-  rows = tuple(1 if a == col_axis else n for a, n in enumerate(shape))
-  cols = tuple(1 if a == row_axis else n for a, n in enumerate(shape))
-  return {"row": [rows], "column": [cols], "factored": [rows, cols]}[granularity]
-
-
-def num_factors(granularity: str) -> int:
-  """How many trees of factors the state holds (HiZOO-L: rows, columns)."""
-  return 2 if granularity == "factored" else 1
 
 
 def split(hessian, treedef) -> Factors:
@@ -178,31 +108,6 @@ def join(per_leaf: list, treedef, masked=optax.MaskedNode()) -> tuple:
                                   for h in per_leaf]) for k in range(count))
 
 
-def factor_sharding(sharding, leaf_shape, factor_shape):
-  """A leaf's NamedSharding (or None) for a factor: axes of size 1 unsharded."""
-  if sharding is None:
-    return None
-  spec = list(sharding.spec) + [None] * (len(leaf_shape) - len(sharding.spec))
-  spec = [s if f == n else None
-          for s, f, n in zip(spec, factor_shape, leaf_shape)]
-  return jax.sharding.NamedSharding(
-      sharding.mesh, jax.sharding.PartitionSpec(*spec))
-
-
-def init(shape, granularity, factored_axes, dtype, sharding=None,
-         stacked=False):
-  """H_0 = 1 as a tuple of factors of ``shape`` (see :func:`factor_shapes`)."""
-  return tuple(
-      jnp.ones(f, dtype, out_sharding=factor_sharding(sharding, shape, f))
-      for f in factor_shapes(shape, granularity, factored_axes, stacked))
-
-
-def init_stats() -> GroupedStats:
-  return GroupedStats(baseline=jnp.zeros([], jnp.float32),
-                      spread=jnp.zeros([], jnp.float32),
-                      probes=jnp.zeros([], jnp.int32))
-
-
 def inv_sqrt(hess: Factors, numbers: list):
   """``read(which)``: H^{-1/2} of leaf ``which`` (an int), broadcastable to
   it, or of the same-shaped leaves ``which`` (a tuple), stacked.
@@ -226,12 +131,6 @@ def _inv_sqrt_reader(vector, joined: list, hess: list, numbers: list):
   return joined_factors.reader(
       None if vector is None else lax.rsqrt(vector), joined, alone, hess,
       numbers)
-
-
-def shapes_fit(h: tuple, shape) -> bool:
-  """Whether the factors broadcast to a leaf of ``shape``."""
-  return all(len(f.shape) == len(shape) and all(
-      a in (1, n) for a, n in zip(f.shape, shape)) for f in h)
 
 
 def update(factors: Factors, stats: GroupedStats, second: jax.Array, draw,
@@ -258,6 +157,8 @@ def update(factors: Factors, stats: GroupedStats, second: jax.Array, draw,
   hess = factors.per_leaf
   num_queries = second.shape[0]
   live = [i for i, h in enumerate(hess) if h is not None]
+  if not live:  # nothing is trained: nothing to learn
+    return factors, stats, inv_sqrt(factors, numbers)
   dim = float(sum(np.prod(shapes[i]) for i in live))
   # The group sums of (z^2 - 1), shape (q, *factor shape), per leaf and
   # factor. HiZOO-L's second per-tensor factor of a non-matrix leaf has the

@@ -17,6 +17,7 @@ import numpy as np
 
 from hizoo_jax import _xla
 from hizoo_jax import noise
+from hizoo_jax.core.signed_rule import shared_axes
 
 
 class Slot:
@@ -141,11 +142,6 @@ def reader(vector, keys: list, alone: dict, hess: list, numbers: list):
   return read
 
 
-def shared_axes(factor_shape, leaf_shape) -> tuple[int, ...]:
-  return tuple(a for a, (f, n) in enumerate(zip(factor_shape, leaf_shape))
-               if f == 1 and n != 1)
-
-
 def factored_total(rows, cols, leaf_shape) -> jax.Array:
   """sum_i H_i over a leaf of factors ``rows`` x ``cols`` (no leaf-sized
   product)."""
@@ -178,9 +174,11 @@ def joined_factored_total(h: jax.Array, joined: list, hess: list,
     factors = [hess[i][0].shape, hess[i][1].shape]
     both = [a for a, (r, c) in enumerate(zip(*factors)) if r == c != 1]
     for k, f in enumerate(factors):  # each entry's block: index along `both`
-      index = np.indices(f).reshape(len(f), -1)
-      block = np.ravel_multi_index([index[a] for a in both],
-                                   [f[a] for a in both]) if both else 0
+      block = 0  # a 0-d leaf's factors are one block
+      if both:
+        index = np.indices(f).reshape(len(f), -1)
+        block = np.ravel_multi_index([index[a] for a in both],
+                                     [f[a] for a in both])
       ids[where[i, k]][:] = 2 * (len(shared) + block) + k
     count = np.prod([n for r, c, n in zip(*factors, shapes[i]) if r == c == 1])
     shared += [count] * int(np.prod([factors[0][a] for a in both]))

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from hizoo_jax import _checks
+from hizoo_jax import skipping
 from hizoo_jax import zo_state
 
 
@@ -67,7 +68,12 @@ def _check_estimator_mask(estimator, params, flags) -> None:
     if found.perturbation is None:
       raise not_an_estimator
     zeros = jax.tree.map(jnp.zeros_like, params)
-    shifted = found.perturbation.shift(zeros, 1.0, 0)
+    perturbation = found.perturbation
+    if perturbation.move is not None:  # the plain program
+      unit = jnp.zeros(perturbation.num_queries).at[0].set(1.0)
+      shifted = perturbation.move(zeros, unit)
+    else:
+      shifted = perturbation.shift(zeros, 1.0, 0)
     moved.extend(a is not b for a, b in zip(
         jax.tree.leaves(zeros), jax.tree.leaves(shifted)))
     return jnp.zeros([])
@@ -141,7 +147,7 @@ def masked_chain(estimator, *downstream, mask) -> (
         leaves, treedef.flatten_up_to(inner), treedef.flatten_up_to(flags))]
     return treedef.unflatten(out), MaskedTailState(inner_state)
 
-  chained = optax.chain(
+  chained = skipping.chain(  # a skipped step moves nothing downstream
       estimator, optax.GradientTransformationExtraArgs(tail_init, tail_update))
 
   def init_fn(params):

@@ -19,6 +19,7 @@ from hizoo_jax import curvature
 from hizoo_jax import fusible
 from hizoo_jax import grouped_curvature
 from hizoo_jax import leaf_draws
+from hizoo_jax.core import paper_rule
 
 
 class Rule(NamedTuple):
@@ -52,10 +53,6 @@ def _paper_init(shape, granularity, axes, dtype, sharding, stacked):
   del stacked  # Per element, or factored over axes that exclude the layers.
   return curvature.init(
       shape, axes if granularity == "factored" else None, dtype, sharding)
-
-
-def _paper_shapes_fit(h, shape):
-  return curvature.actual_shapes(h) == curvature.expected_shapes(h, shape)
 
 
 def _paper_split(hessian, treedef):
@@ -96,7 +93,7 @@ def _paper_rule(reference):
       inv_sqrt=_paper_inv_sqrt,
       update=functools.partial(_paper_update, reference),
       last_array=lambda hess, i: curvature.updated_array(hess[i]),
-      shapes_fit=_paper_shapes_fit,
+      shapes_fit=paper_rule.shapes_fit,
       split=_paper_split,
       per_leaf=lambda hess: hess,
       store=_paper_store,

@@ -51,6 +51,7 @@ from jax import lax
 from hizoo_jax import _checks
 from hizoo_jax import _xla
 from hizoo_jax import zo_state
+from hizoo_jax.core import scheme as schemes
 
 Params = Any
 Batch = Any
@@ -98,7 +99,8 @@ def _perturbation(optimizer, opt_state, params) -> zo_state.Perturbation:
         "optax.apply_if_finite(optax.sgd(lr), 3)), or step with the plain "
         "tx.update (docs/api.md, optax wrappers).")
   probe = zo_state.PerturbationProbe()
-  optimizer.update(None, opt_state, params, zo_probe=probe)
+  optimizer.update(None, opt_state, params, zo_probe=probe,
+                   value=jnp.zeros([], jnp.float32))  # dead code
   if probe.perturbation is None:
     raise ValueError(_NEEDS_ESTIMATOR.format(
         why="this one never asked for the loss"))
@@ -185,6 +187,17 @@ def _update_in_loop(perturbation, opt_state, params) -> bool:
       jnp.shape(x) in shapes for x in jax.tree.leaves(opt_state))
 
 
+def _value(losses) -> jax.Array:
+  """The step's loss for transformations that read ``value`` (such as
+  ``optax.contrib.reduce_on_plateau``): L(theta) where it was evaluated,
+  else the mean of the perturbed points'."""
+  center, plus, minus = losses
+  sides = (jnp.mean(plus) + jnp.mean(minus)) / 2
+  if center is None:
+    return sides
+  return jnp.where(jnp.isnan(center), sides, center)
+
+
 def _run(optimizer, opt_state, params, batch, loss_fn, perturbation,
          store_noise):
   """Evaluates, moves and updates in place.
@@ -261,7 +274,8 @@ def _run(optimizer, opt_state, params, batch, loss_fn, perturbation,
       last = _xla.computed_once(k == num_phases - 1,
                                 (k >> 31).astype(jnp.uint32))
       updates, new_state = optimizer.update(
-          None, state, theta, zo_losses=losses_of(losses), zo_final=last)
+          None, state, theta, zo_losses=losses_of(losses), zo_final=last,
+          value=_value(losses_of(losses)))
       theta = jax.tree.map(lambda n, r: jnp.where(last, n, r),
                            optax.apply_updates(theta, updates), theta)
       state = jax.tree.map(
@@ -277,9 +291,56 @@ def _run(optimizer, opt_state, params, batch, loss_fn, perturbation,
     opt_state = _carried(opt_state, perturbation, False)
   else:
     updates, opt_state = optimizer.update(
-        None, opt_state, params, zo_losses=losses_of(losses))
+        None, opt_state, params, zo_losses=losses_of(losses),
+        value=_value(losses_of(losses)))
     params = optax.apply_updates(params, updates)
   return params, opt_state
+
+
+def _walk(optimizer, opt_state, params, batch, loss_fn, perturbation):
+  """The plain program's lean step: walks the estimator's scheme in place.
+
+  One loop over the phases of :func:`hizoo_jax.core.scheme.walk`: phase k
+  evaluates its point (when the step count selects it), then moves the
+  parameters to the next point, the last move restoring theta; the update
+  follows the loop. Parameters and state are the loop's carry, so every
+  move is written over the donated buffers.
+
+  Returns:
+    ``(new params, new opt_state)``.
+  """
+  scheme = perturbation.scheme
+  evaluates, move_table = schemes.walk(scheme)
+  every = np.asarray(scheme.every)
+
+  def body(k, carry):
+    theta, losses, state = carry
+    point = jnp.asarray(evaluates)[k]
+    count = zo_state.find_state(state).count
+    evaluate = (point >= 0) & (
+        count % jnp.asarray(every)[jnp.maximum(point, 0)] == 0)
+    loss = lax.cond(
+        evaluate,
+        lambda t: _checks.check_loss(loss_fn(t, batch), "a point of the step"
+                                     ).astype(jnp.float32),
+        lambda t: jnp.full([], jnp.nan, jnp.float32), theta)
+    # The move waits for the loss, which reads theta before it is moved:
+    # (l != l) & (l == l) is False, but XLA cannot prove it. Opaque to XLA:
+    # z and H^{-1/2} stay inside the loop, never stored.
+    after_loss = ((loss != loss) & (loss == loss)).astype(k.dtype)
+    k, state = lax.optimization_barrier((k + after_loss, state))
+    losses = losses.at[jnp.maximum(point, 0)].set(
+        jnp.where(point >= 0, loss, losses[jnp.maximum(point, 0)]))
+    theta = perturbation.move(theta, jnp.asarray(move_table)[k])
+    return theta, losses, state
+
+  losses = jnp.full([len(every)], jnp.nan, jnp.float32)
+  params, losses, opt_state = lax.fori_loop(
+      0, len(evaluates), body, (params, losses, opt_state))
+  updates, opt_state = optimizer.update(
+      None, opt_state, params, zo_losses=losses,
+      value=schemes.value(scheme, losses))
+  return optax.apply_updates(params, updates), opt_state
 
 
 def make_train_step(
@@ -342,9 +403,13 @@ def make_train_step(
   def step(params, opt_state, batch):
     _checks.check_params(params)
     perturbation = _perturbation(optimizer, opt_state, params)
-    new_params, new_state = _run(
-        optimizer, opt_state, params, batch, loss_fn, perturbation,
-        bool(store_noise))
+    if perturbation.move is not None:  # the plain program
+      new_params, new_state = _walk(
+          optimizer, opt_state, params, batch, loss_fn, perturbation)
+    else:
+      new_params, new_state = _run(
+          optimizer, opt_state, params, batch, loss_fn, perturbation,
+          bool(store_noise))
     zo = zo_state.find_state(new_state)
     metrics = {
         "loss": zo.loss,

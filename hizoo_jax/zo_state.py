@@ -51,14 +51,21 @@ class Perturbation(NamedTuple):
   ``carry_state(state, carried)`` turns the estimator's state into the form
   a loop should carry (``carried``: H as one vector; ``update`` accepts it
   and returns its state in kind) and back; None: carry it as it is.
+  With ``scheme`` and ``move`` set (the plain program), the step walks the
+  scheme's points instead (:func:`hizoo_jax.core.scheme.walk`).
   """
 
-  shift: Callable[[Any, Any, Any], Any]
+  shift: Optional[Callable[[Any, Any, Any], Any]]
   num_queries: int
   evaluates_center: bool
   center_every: int = 1
   light_update: bool = True
   carry_state: Optional[Callable[[Any, bool], Any]] = None
+  # The plain program's form (hizoo_jax.core): the points as data and
+  # ``move(params, coeffs)``, params + mu s sum_j coeffs[j] z_j; losses are
+  # handed back in the scheme's order. None for the compact program.
+  scheme: Any = None
+  move: Optional[Callable[[Any, Any], Any]] = None
 
 
 class PerturbationProbe:

@@ -1,0 +1,135 @@
+"""The boundary between the mathematics and the program: leaves and their noise.
+
+The estimators state their update for one leaf at a time: ``theta + c mu s z``,
+``sum_j g_j z_j s``, sums of ``z^2 - 1`` over a group of coordinates. This
+module is how they reach the leaves: it flattens the parameters, finds the
+trainable leaves and draws each leaf's z from the counter-based generator
+(:mod:`hizoo_jax.noise`), never storing it. This is the *plain* program:
+``jax.tree.map``-style loops over leaves that trust XLA to fuse each leaf's
+draw into what reads it, as an Optax engineer would write them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hizoo_jax import _checks
+from hizoo_jax import noise
+
+Sample = Callable[..., jax.Array]  # (seed (2,), shape, sharding=) -> array
+
+
+class Leaves(NamedTuple):
+  """The parameters of one step, leaf by leaf, and the step's noise."""
+
+  values: list  # every leaf of params, in tree order.
+  paths: list  # their key paths (z depends on the path string).
+  treedef: Any  # the params' tree structure.
+  trainable: list[bool]  # False: masked or frozen; never perturbed.
+  seeds: jax.Array  # (q, leaves, 2) uint32: leaf i's seed at query j.
+  sample: Sample  # the noise: noise.gaussian, or another of the generator.
+
+  def z(self, i: int, j) -> jax.Array:
+    """Leaf i's noise at query j (float32), regenerated at every call."""
+    x = self.values[i]
+    return self.sample(self.seeds[j, i], jnp.shape(x),
+                       sharding=noise.explicit_sharding(x))
+
+  def live(self) -> list[int]:
+    return [i for i, keep in enumerate(self.trainable) if keep]
+
+  def tree(self, per_leaf: Sequence, fill: Callable = jnp.zeros_like):
+    """A tree like params from per-leaf values; ``fill(leaf)`` where None."""
+    return self.treedef.unflatten([
+        fill(x) if v is None else v for x, v in zip(self.values, per_leaf)])
+
+  def flat(self, tree) -> list:
+    """``tree`` (like params, or a prefix-compatible tree) leaf by leaf."""
+    return self.treedef.flatten_up_to(tree)
+
+
+def leaves_of(params, mask, words: jax.Array, count: jax.Array,
+              num_queries: int, sample: Sample = noise.gaussian) -> Leaves:
+  """The :class:`Leaves` of ``params`` at step ``count``.
+
+  Args:
+    params: the parameter tree.
+    mask: bool tree (or prefix, or callable) of the trainable leaves; None:
+      all float leaves.
+    words: the run's key as uint32 words (:func:`hizoo_jax.noise.key_words`).
+    count: the step count (selects the step's noise).
+    num_queries: independent draws of z per step.
+    sample: the distribution of z, from the generator's seeds.
+  """
+  _checks.check_params(params)
+  pairs, treedef = jax.tree_util.tree_flatten_with_path(params)
+  paths, values = [p for p, _ in pairs], [x for _, x in pairs]
+  trainable = _checks.trainable_leaves(mask, params, treedef, paths)
+  _checks.check_leaf_dtypes(values, paths, trainable)
+  seeds = noise.leaf_seeds(
+      words, count, jnp.arange(num_queries, dtype=jnp.uint32)[:, None], paths)
+  return Leaves(values, paths, treedef, trainable, seeds, sample)
+
+
+def noise_map(leaves: Leaves, fn: Callable, queries: Sequence[int],
+              *per_leaf: Sequence) -> list:
+  """``fn(zs, *values)`` on every trainable leaf (None on the others).
+
+  ``zs`` is the leaf's z at each of ``queries``; ``per_leaf`` are lists with
+  one value per leaf (such as its H^{-1/2}).
+  """
+  return [fn([leaves.z(i, j) for j in queries], *(v[i] for v in per_leaf))
+          if keep else None for i, keep in enumerate(leaves.trainable)]
+
+
+def perturb(leaves: Leaves, params, coeffs, mu: jax.Array,
+            scales: Optional[Sequence] = None):
+  """``theta + mu * s * sum_j coeffs[j] z_j`` on the trainable leaves.
+
+  ``coeffs`` (Q,) may be traced; ``scales`` gives each leaf's s (None: 1).
+  The sum is formed in float32 (or wider), then cast to the leaf's dtype.
+  """
+  scales = scales if scales is not None else [None] * len(leaves.values)
+
+  def shift(zs, x, s):
+    delta = sum(coeffs[j] * zs[j] for j in range(len(zs))) * mu
+    delta = delta if s is None else delta * s
+    wide = jnp.promote_types(x.dtype, jnp.float32)
+    return (x.astype(wide) + delta).astype(x.dtype)
+
+  flat = leaves.flat(params)
+  moved = noise_map(leaves, shift, range(leaves.seeds.shape[0]), flat,
+                    scales)
+  return leaves.treedef.unflatten(
+      [x if m is None else m for x, m in zip(flat, moved)])
+
+
+def combine(leaves: Leaves, coeffs: jax.Array,
+            scales: Optional[Sequence] = None):
+  """``s * sum_j coeffs[j] z_j`` per leaf, as a tree like params (zeros on
+  frozen leaves, in each leaf's dtype)."""
+  scales = scales if scales is not None else [None] * len(leaves.values)
+
+  def direction(zs, s):
+    out = sum(coeffs[j] * zs[j] for j in range(len(zs)))
+    return out if s is None else out * s
+
+  out = noise_map(leaves, direction, range(leaves.seeds.shape[0]), scales)
+  return leaves.tree([None if d is None else d.astype(x.dtype)
+                      for x, d in zip(leaves.values, out)])
+
+
+def group_sums(leaves: Leaves, fn: Callable, i: int,
+               axes: tuple[int, ...]) -> jax.Array:
+  """``sum fn(z_j)`` of leaf i over ``axes`` (kept, size 1), every query:
+  shape (q, *kept shape)."""
+  return jnp.stack([jnp.sum(fn(leaves.z(i, j)), axis=axes, keepdims=True)
+                    for j in range(leaves.seeds.shape[0])])
+
+
+def size(leaves: Leaves, i: int) -> int:
+  return int(np.prod(jnp.shape(leaves.values[i]), dtype=np.int64))
