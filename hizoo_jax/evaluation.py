@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from hizoo_jax import _checks
+from hizoo_jax.core import scheme as schemes
 
 
 def losses(params, shift, value_fn, extra_args, num_queries, with_center,
@@ -17,6 +18,10 @@ def losses(params, shift, value_fn, extra_args, num_queries, with_center,
   """
   given = extra_args.get("zo_losses")
   if given is not None:
+    if not isinstance(given, (tuple, list)):  # (P,), the scheme's order
+      given = schemes.split_losses(
+          schemes.central(num_queries, int(with_center)),
+          jnp.asarray(given, jnp.float32))
     center, plus, minus = given
     plus = jnp.reshape(jnp.asarray(plus, jnp.float32), (num_queries,))
     minus = jnp.reshape(jnp.asarray(minus, jnp.float32), (num_queries,))

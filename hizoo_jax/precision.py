@@ -74,7 +74,7 @@ class MasterWeightsState(NamedTuple):
   inner_state: Any
 
 
-def _merge(master, params):
+def merge(master, params):
   """params with the master copy in place of its low-precision leaves."""
   leaves, treedef = jax.tree.flatten(params)
   return treedef.unflatten([
@@ -99,9 +99,9 @@ def master_weights(inner) -> optax.GradientTransformationExtraArgs:
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is
-    ``MasterWeightsState(master, inner_state)``. Not for
-    :func:`hizoo_jax.make_train_step`, which moves the parameters themselves
-    (use :func:`stochastic_rounding` there).
+    ``MasterWeightsState(master, inner_state)``. Works in
+    :func:`hizoo_jax.make_train_step`: each point of the step is computed
+    from the master copy and rounded once to the parameter dtype.
 
   Example:
     >>> import jax.numpy as jnp, optax, hizoo_jax as hz
@@ -122,18 +122,16 @@ def master_weights(inner) -> optax.GradientTransformationExtraArgs:
     master = jax.tree.map(
         lambda x: jnp.asarray(x, jnp.float32) if is_low_precision(x)
         else optax.MaskedNode(), params)
-    return MasterWeightsState(master, inner.init(_merge(master, params)))
+    return MasterWeightsState(master, inner.init(merge(master, params)))
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError("master_weights needs params: update(updates, state, "
                        "params, value_fn=...).")
-    if "zo_probe" in extra_args:
-      raise ValueError(
-          "master_weights does not work with hz.make_train_step, which "
-          "evaluates at the parameters it moves in their own dtype; use "
-          "tx.update (or the Flax helpers), or hz.stochastic_rounding.")
-    full = _merge(state.master, params)
+    # In hz.make_train_step (zo_probe, zo_losses) the inner estimator moves
+    # the master copy: the step evaluates each point's rounding to the
+    # parameter dtype, computed from the master.
+    full = merge(state.master, params)
     inner_updates, inner_state = inner.update(
         updates, state.inner_state, full, **extra_args)
     leaves, treedef = jax.tree.flatten(params)

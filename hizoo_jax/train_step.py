@@ -50,6 +50,7 @@ from jax import lax
 
 from hizoo_jax import _checks
 from hizoo_jax import _xla
+from hizoo_jax import precision
 from hizoo_jax import zo_state
 from hizoo_jax.core import scheme as schemes
 
@@ -298,7 +299,7 @@ def _run(optimizer, opt_state, params, batch, loss_fn, perturbation,
 
 
 def _walk(optimizer, opt_state, params, batch, loss_fn, perturbation):
-  """The plain program's lean step: walks the estimator's scheme in place.
+  """The lean step driven by the estimator's scheme, in place.
 
   One loop over the phases of :func:`hizoo_jax.core.scheme.walk`: phase k
   evaluates its point (when the step count selects it), then moves the
@@ -306,32 +307,63 @@ def _walk(optimizer, opt_state, params, batch, loss_fn, perturbation):
   follows the loop. Parameters and state are the loop's carry, so every
   move is written over the donated buffers.
 
+  bfloat16 and float16 leaves are never moved: ``+mu, -2 mu, +mu`` does not
+  return to the same low-precision value. Each point's low-precision leaves
+  are computed afresh from theta (or from the float32 master copy of
+  :func:`hizoo_jax.master_weights`) and rounded once: exact points and no
+  drift, for one transient low-precision copy of those leaves.
+
   Returns:
     ``(new params, new opt_state)``.
   """
   scheme = perturbation.scheme
   evaluates, move_table = schemes.walk(scheme)
   every = np.asarray(scheme.every)
+  treedef = jax.tree.structure(params)
+  low = [precision.is_low_precision(x) for x in jax.tree.leaves(params)]
+  master = (opt_state.master
+            if isinstance(opt_state, precision.MasterWeightsState) else None)
+
+  def current(state, theta):
+    """The Perturbation traced where it is used: from the loop's state, so
+    that H^{-1/2} is computed inside the loop (never hoisted and stored)."""
+    return _moving(_perturbation(optimizer, state, theta))
+
+  def point(state, theta, p):
+    """theta with its low-precision leaves at point p, rounded once."""
+    if not any(low):
+      return theta
+    base = theta if master is None else precision.merge(master, theta)
+    fresh = current(state, theta).move(base, jnp.asarray(scheme.points)[p])
+    return treedef.unflatten([
+        f.astype(t.dtype) if is_low else t for t, f, is_low in zip(
+            jax.tree.leaves(theta), jax.tree.leaves(fresh), low)])
+
+  def moved(state, theta, row):
+    """theta moved by ``row``, its low-precision leaves left alone."""
+    new = current(state, theta).move(theta, row)
+    return treedef.unflatten([t if is_low else n for t, n, is_low in zip(
+        jax.tree.leaves(theta), jax.tree.leaves(new), low)])
 
   def body(k, carry):
     theta, losses, state = carry
-    point = jnp.asarray(evaluates)[k]
+    p = jnp.maximum(jnp.asarray(evaluates)[k], 0)
     count = zo_state.find_state(state).count
-    evaluate = (point >= 0) & (
-        count % jnp.asarray(every)[jnp.maximum(point, 0)] == 0)
+    evaluate = (jnp.asarray(evaluates)[k] >= 0) & (
+        count % jnp.asarray(every)[p] == 0)
     loss = lax.cond(
         evaluate,
-        lambda t: _checks.check_loss(loss_fn(t, batch), "a point of the step"
-                                     ).astype(jnp.float32),
+        lambda t: _checks.check_loss(loss_fn(point(state, t, p), batch),
+                                     "a point of the step").astype(
+                                         jnp.float32),
         lambda t: jnp.full([], jnp.nan, jnp.float32), theta)
     # The move waits for the loss, which reads theta before it is moved:
     # (l != l) & (l == l) is False, but XLA cannot prove it. Opaque to XLA:
     # z and H^{-1/2} stay inside the loop, never stored.
     after_loss = ((loss != loss) & (loss == loss)).astype(k.dtype)
     k, state = lax.optimization_barrier((k + after_loss, state))
-    losses = losses.at[jnp.maximum(point, 0)].set(
-        jnp.where(point >= 0, loss, losses[jnp.maximum(point, 0)]))
-    theta = perturbation.move(theta, jnp.asarray(move_table)[k])
+    losses = losses.at[p].set(jnp.where(evaluate, loss, losses[p]))
+    theta = moved(state, theta, jnp.asarray(move_table)[k])
     return theta, losses, state
 
   losses = jnp.full([len(every)], jnp.nan, jnp.float32)
@@ -341,6 +373,22 @@ def _walk(optimizer, opt_state, params, batch, loss_fn, perturbation):
       None, opt_state, params, zo_losses=losses,
       value=schemes.value(scheme, losses))
   return optax.apply_updates(params, updates), opt_state
+
+
+def _moving(perturbation: zo_state.Perturbation) -> zo_state.Perturbation:
+  """``perturbation`` with a ``move`` (the compact program's gives
+  ``shift``, a query at a time) and a scheme, for :func:`_walk`."""
+  if perturbation.move is not None:
+    return perturbation
+
+  def move(tree, coeffs):
+    for j in range(perturbation.num_queries):
+      tree = perturbation.shift(tree, coeffs[j], j)
+    return tree
+
+  center = perturbation.center_every if perturbation.evaluates_center else 0
+  return perturbation._replace(
+      move=move, scheme=schemes.central(perturbation.num_queries, center))
 
 
 def make_train_step(
@@ -403,9 +451,12 @@ def make_train_step(
   def step(params, opt_state, batch):
     _checks.check_params(params)
     perturbation = _perturbation(optimizer, opt_state, params)
-    if perturbation.move is not None:  # the plain program
+    exact = any(map(precision.is_low_precision, jax.tree.leaves(params)))
+    if perturbation.move is not None or exact:
+      # The plain program, or low-precision leaves (their points are exact).
       new_params, new_state = _walk(
-          optimizer, opt_state, params, batch, loss_fn, perturbation)
+          optimizer, opt_state, params, batch, loss_fn,
+          _moving(perturbation))
     else:
       new_params, new_state = _run(
           optimizer, opt_state, params, batch, loss_fn, perturbation,

@@ -133,3 +133,57 @@ def test_reduce_on_plateau_reads_the_lean_steps_loss(program):
   plateau = state[-1]
   assert float(plateau.best_value) <= float(loss(PARAMS))
   assert np.isfinite(float(plateau.avg_value))
+
+
+def _mlp():
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(16, 8)) * 0.4, jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(8,)) * 0.4, jnp.float32)}
+  x = jnp.asarray(rng.normal(size=(32, 16)), jnp.float32)
+
+  def mlp_loss(p, batch):
+    h = jnp.tanh(batch.astype(p["w"].dtype) @ p["w"] + p["b"])
+    return jnp.mean((h.astype(jnp.float32) - 0.3) ** 2)
+
+  return params, x, mlp_loss
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_lean_step_leaves_low_precision_params_exact(program, dtype):
+  """lr = 0: the lean step's points are computed afresh, never walked, for
+  bf16 / fp16 leaves, so the parameters come back bit for bit."""
+  params, x, mlp_loss = _mlp()
+  params = jax.tree.map(lambda a: a.astype(dtype), params)
+  for tx in (hz.hizoo(0.0, program=program), hz.mezo(0.0, program=program),
+             hz.hizoo_l(0.0, min_dim_size_to_factor=4, program=program)):
+    step = hz.make_train_step(tx, mlp_loss, donate=False)
+    new, state = params, tx.init(params)
+    for _ in range(30):
+      new, state, metrics = step(new, state, x)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(params)):
+      np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                    np.asarray(b, np.float32))
+    assert int(metrics["skipped"]) == 0
+    assert float(metrics["projected_grad"]) != 0.0  # it did measure
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_master_weights_train_bf16_in_the_lean_step(program):
+  """bf16 weights with float32 master copies inside make_train_step learn
+  like the float32 model (same noise, points rounded once)."""
+  params, x, mlp_loss = _mlp()
+  bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+  curves = {}
+  for name, p, tx in [
+      ("f32", params, hz.mezo(0.05, program=program)),
+      ("bf16", bf16, hz.master_weights(hz.mezo(0.05, program=program)))]:
+    step = hz.make_train_step(tx, mlp_loss, donate=False)
+    state, losses = tx.init(p), []
+    for _ in range(150):
+      p, state, metrics = step(p, state, x)
+      losses.append(float(mlp_loss(p, x)))
+    curves[name] = np.asarray(losses)
+  assert curves["bf16"][-1] < 0.8 * float(mlp_loss(params, x))
+  np.testing.assert_allclose(curves["bf16"][-20:], curves["f32"][-20:],
+                             rtol=0.05)
