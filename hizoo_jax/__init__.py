@@ -1,4 +1,4 @@
-"""hizoo_jax: Hessian-informed zeroth-order optimizers (HiZOO, HiZOO-L, MeZO).
+"""hizoo_jax: zeroth-order optimizers (HiZOO, HiZOO-L, MeZO, FZOO).
 
 Optax gradient transformations that fine-tune without a backward pass, a
 memory-lean training step, sharding and checkpoint helpers, LoRA and Flax
@@ -7,7 +7,8 @@ a function that needs them is called.
 """
 
 from hizoo_jax import lora
-from hizoo_jax.alias import hizoo, hizoo_l, mezo
+from hizoo_jax.alias import fzoo, hizoo, hizoo_l, mezo
+from hizoo_jax.core.fzoo import FZOOState, probe_noise, scale_by_fzoo
 from hizoo_jax.checkpoint import (
     CheckpointError,
     all_steps,
@@ -46,6 +47,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "FZOOState",
     "FactoredHessian",
     "GroupedStats",
     "MaskedTailState",
@@ -58,6 +60,7 @@ __all__ = [
     "cast_floating",
     "chain",
     "find_state",
+    "fzoo",
     "hizoo",
     "hizoo_l",
     "init_sharded",
@@ -71,8 +74,10 @@ __all__ = [
     "mezo",
     "nnx_value_fn",
     "nnx_zo_step",
+    "probe_noise",
     "restore_checkpoint",
     "save_checkpoint",
+    "scale_by_fzoo",
     "scale_by_hizoo",
     "scale_by_mezo",
     "state_shardings",

@@ -22,6 +22,7 @@ from hizoo_jax import _checks
 from hizoo_jax import estimator as _estimator
 from hizoo_jax import precision
 from hizoo_jax import skipping
+from hizoo_jax.core import fzoo as core_fzoo
 from hizoo_jax.estimator import ScalarOrSchedule
 
 
@@ -232,5 +233,60 @@ def mezo(
       _estimator.scale_by_mezo(
           mu, num_queries=1 if num_queries is None else num_queries,
           mask=mask, key=key, program=program),
+      *_tail(learning_rate, weight_decay, weight_decay_mask, mask),
+  )
+
+
+def fzoo(
+    learning_rate: ScalarOrSchedule,
+    eps: ScalarOrSchedule = 1e-3,
+    weight_decay: ScalarOrSchedule = 0.0,
+    key=0,
+    *,
+    num_probes: Optional[int] = None,
+    noise: str = "rademacher",
+    normalize: bool = True,
+    mask=None,
+    weight_decay_mask=None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""FZOO (arXiv 2506.09034): normalized SGD from N one-sided probes.
+
+  .. math::
+    \theta \leftarrow \theta - \eta\,\Big(\sum_{i=1}^N
+    \frac{L(\theta + \epsilon u_i) - L(\theta)}{N \sigma} u_i
+    + \lambda \theta\Big)
+
+  with sigma the population std of the N probe losses
+  (:func:`hizoo_jax.scale_by_fzoo`); weight decay lambda is decoupled and by
+  default spares leaves with ndim < 2. The direction estimates g / |g|, so
+  eta is the step's size and not on MeZO's scale.
+
+  Args:
+    learning_rate: eta, a float or an optax schedule.
+    eps: probe scale (float or schedule).
+    weight_decay: lambda (float or schedule).
+    key: seed or PRNG key for the noise.
+    num_probes: N (N + 1 forward passes a step; None: 8).
+    noise: ``"rademacher"`` or ``"gaussian"``.
+    normalize: False gives one-sided ZO-SGD with N queries (an ablation).
+    mask: tree of bools or callable; False leaves are frozen.
+    weight_decay_mask: override of the default decay mask.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs
+    ``value_fn``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, hizoo_jax as hz
+    >>> params = {"w": jnp.ones(3)}
+    >>> tx = hz.fzoo(learning_rate=1e-2, eps=1e-3)
+    >>> updates, state = tx.update(None, tx.init(params), params,
+    ...                            value_fn=lambda p: p["w"] @ p["w"])
+    >>> params = optax.apply_updates(params, updates)
+  """
+  return skipping.chain(
+      core_fzoo.scale_by_fzoo(
+          eps, num_probes=8 if num_probes is None else num_probes,
+          noise=noise, normalize=normalize, mask=mask, key=key),
       *_tail(learning_rate, weight_decay, weight_decay_mask, mask),
   )

@@ -70,8 +70,7 @@ def _check_estimator_mask(estimator, params, flags) -> None:
     zeros = jax.tree.map(jnp.zeros_like, params)
     perturbation = found.perturbation
     if perturbation.move is not None:  # the plain program
-      unit = jnp.zeros(perturbation.num_queries).at[0].set(1.0)
-      shifted = perturbation.move(zeros, unit)
+      shifted = perturbation.move(zeros, jnp.ones(1), jnp.zeros(1, jnp.int32))
     else:
       shifted = perturbation.shift(zeros, 1.0, 0)
     moved.extend(a is not b for a, b in zip(

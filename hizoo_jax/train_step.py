@@ -58,6 +58,10 @@ Params = Any
 Batch = Any
 Metrics = dict[str, jax.Array]
 
+# Fields of an estimator's state that are not reported as metrics.
+_NOT_METRICS = ("count", "rng_key", "leaf_numbers", "hessian",
+                "curvature_stats")
+
 _NEEDS_ESTIMATOR = (
     "make_train_step needs an optimizer that contains a zeroth-order "
     "estimator (hz.hizoo, hz.hizoo_l, hz.mezo or a chain with "
@@ -73,8 +77,8 @@ _BRANCHING = (optax.ApplyIfFiniteState, optax.MultiStepsState)
 def _inside_branching_wrapper(node) -> bool:
   """Whether the estimator state sits inside a state of _BRANCHING."""
   def holds_estimator(tree):
-    return any(isinstance(x, zo_state.ZOState) for x in jax.tree.leaves(
-        tree, is_leaf=lambda x: isinstance(x, zo_state.ZOState)))
+    return any(map(zo_state.is_estimator_state, jax.tree.leaves(
+        tree, is_leaf=zo_state.is_estimator_state)))
   if isinstance(node, _BRANCHING):
     return holds_estimator(node)
   if isinstance(node, (tuple, list)):
@@ -318,6 +322,8 @@ def _walk(optimizer, opt_state, params, batch, loss_fn, perturbation):
   """
   scheme = perturbation.scheme
   evaluates, move_table = schemes.walk(scheme)
+  move_terms = [jnp.asarray(a) for a in schemes.sparse(move_table)]
+  point_terms = [jnp.asarray(a) for a in schemes.sparse(scheme.points)]
   every = np.asarray(scheme.every)
   treedef = jax.tree.structure(params)
   low = [precision.is_low_precision(x) for x in jax.tree.leaves(params)]
@@ -334,14 +340,14 @@ def _walk(optimizer, opt_state, params, batch, loss_fn, perturbation):
     if not any(low):
       return theta
     base = theta if master is None else precision.merge(master, theta)
-    fresh = current(state, theta).move(base, jnp.asarray(scheme.points)[p])
+    fresh = current(state, theta).move(base, *(a[p] for a in point_terms))
     return treedef.unflatten([
         f.astype(t.dtype) if is_low else t for t, f, is_low in zip(
             jax.tree.leaves(theta), jax.tree.leaves(fresh), low)])
 
-  def moved(state, theta, row):
-    """theta moved by ``row``, its low-precision leaves left alone."""
-    new = current(state, theta).move(theta, row)
+  def moved(state, theta, k):
+    """theta moved by move k, its low-precision leaves left alone."""
+    new = current(state, theta).move(theta, *(a[k] for a in move_terms))
     return treedef.unflatten([t if is_low else n for t, n, is_low in zip(
         jax.tree.leaves(theta), jax.tree.leaves(new), low)])
 
@@ -363,7 +369,7 @@ def _walk(optimizer, opt_state, params, batch, loss_fn, perturbation):
     after_loss = ((loss != loss) & (loss == loss)).astype(k.dtype)
     k, state = lax.optimization_barrier((k + after_loss, state))
     losses = losses.at[p].set(jnp.where(evaluate, loss, losses[p]))
-    theta = moved(state, theta, jnp.asarray(move_table)[k])
+    theta = moved(state, theta, k)
     return theta, losses, state
 
   losses = jnp.full([len(every)], jnp.nan, jnp.float32)
@@ -381,9 +387,9 @@ def _moving(perturbation: zo_state.Perturbation) -> zo_state.Perturbation:
   if perturbation.move is not None:
     return perturbation
 
-  def move(tree, coeffs):
-    for j in range(perturbation.num_queries):
-      tree = perturbation.shift(tree, coeffs[j], j)
+  def move(tree, coeffs, queries):
+    for t in range(coeffs.shape[0]):
+      tree = perturbation.shift(tree, coeffs[t], queries[t])
     return tree
 
   center = perturbation.center_every if perturbation.evaluates_center else 0
@@ -462,13 +468,8 @@ def make_train_step(
           optimizer, opt_state, params, batch, loss_fn, perturbation,
           bool(store_noise))
     zo = zo_state.find_state(new_state)
-    metrics = {
-        "loss": zo.loss,
-        "loss_plus": zo.loss_plus,
-        "loss_minus": zo.loss_minus,
-        "projected_grad": zo.projected_grad,
-        "skipped": zo.skipped,
-    }
+    metrics = {name: getattr(zo, name) for name in zo._fields
+               if name not in _NOT_METRICS}
     return new_params, new_state, metrics
 
   return jax.jit(step, donate_argnums=(0, 1) if donate else (),

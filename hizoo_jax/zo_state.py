@@ -15,6 +15,8 @@ import jax
 class ZOState(NamedTuple):
   """State of a zeroth-order estimator (HiZOO, HiZOO-L or MeZO)."""
 
+  zeroth_order = True  # marks an estimator's state (see find_state).
+
   count: jax.Array  # (), int32: steps taken; selects the next step's noise.
   rng_key: jax.Array  # (k,), uint32: raw words of the run's PRNG key.
   leaf_numbers: Any  # tree like params of (), uint32: each leaf's position
@@ -62,8 +64,9 @@ class Perturbation(NamedTuple):
   light_update: bool = True
   carry_state: Optional[Callable[[Any, bool], Any]] = None
   # The plain program's form (hizoo_jax.core): the points as data and
-  # ``move(params, coeffs)``, params + mu s sum_j coeffs[j] z_j; losses are
-  # handed back in the scheme's order. None for the compact program.
+  # ``move(params, coeffs, queries)``, params + mu s sum_t coeffs[t]
+  # z_{queries[t]}; losses are handed back in the scheme's order. None for
+  # the compact program.
   scheme: Any = None
   move: Optional[Callable[[Any, Any], Any]] = None
 
@@ -80,10 +83,15 @@ class PerturbationProbe:
     self.perturbation: Optional[Perturbation] = None
 
 
+def is_estimator_state(node) -> bool:
+  """Whether ``node`` is a zeroth-order estimator's state (ZOState, or
+  another estimator's NamedTuple marked ``zeroth_order = True``)."""
+  return bool(getattr(type(node), "zeroth_order", False))
+
+
 def find_state(opt_state) -> ZOState:
   """The first estimator state inside an optimizer state (chain, wrappers)."""
-  for node in jax.tree_util.tree_leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, ZOState)):
-    if isinstance(node, ZOState):
+  for node in jax.tree_util.tree_leaves(opt_state, is_leaf=is_estimator_state):
+    if is_estimator_state(node):
       return node
   raise ValueError("no zeroth-order estimator state (ZOState) in opt_state.")

@@ -124,7 +124,7 @@ def one_sided(mu, key=0):
 
   def update_fn(updates, state, params=None, *, value_fn=None, **extra):
     leaves = leafwise.leaves_of(params, None, state.rng_key, state.count, 1)
-    move = lambda tree, c: leafwise.perturb(leaves, tree, c, mu)
+    move = lambda tree, c, q: leafwise.perturb(leaves, tree, c, q, mu)
     losses = estimators.probe_or_losses(points, leaves, params, move,
                                         value_fn, extra, state.count)
     if losses is None:  # the lean step asked for the points

@@ -67,7 +67,8 @@ def new_state(words, hessian=None, stats=None) -> ZOState:
 def probe_or_losses(scheme, leaves, params, move, value_fn, extra, count):
   """The (P,) losses of the step, or the Perturbation for the lean step.
 
-  ``move(tree, coeffs)`` returns a point of the scheme. Inside
+  ``move(tree, coeffs, queries)`` returns ``tree + mu s sum_t coeffs[t]
+  z_{queries[t]}`` (a point's or a move's terms, :func:`schemes.sparse`). Inside
   :func:`hizoo_jax.make_train_step` (``zo_probe``), the step's Perturbation
   is recorded and None returned; losses it measured come as ``zo_losses``.
   """
@@ -87,8 +88,9 @@ def probe_or_losses(scheme, leaves, params, move, value_fn, extra, count):
         "zeroth-order estimators need the loss: call update(updates, state, "
         "params, value_fn=lambda p: loss(p, batch)).")
   kwargs = _checks.value_fn_kwargs(value_fn, extra)
-  return schemes.losses(scheme, lambda c: _checks.check_loss(
-      value_fn(move(params, c), **kwargs), "a point of the step"), count)
+  return schemes.losses(scheme, lambda *terms: _checks.check_loss(
+      value_fn(move(params, *terms), **kwargs), "a point of the step"),
+      count)
 
 
 def mezo_transform(config: Config) -> optax.GradientTransformationExtraArgs:
@@ -106,7 +108,7 @@ def mezo_transform(config: Config) -> optax.GradientTransformationExtraArgs:
                                 state.count, config.num_queries)
     mu, valid = _checks.step_hyperparams(
         at_step(config.mu, state.count), None, state.count)
-    move = lambda tree, c: leafwise.perturb(leaves, tree, c, mu)
+    move = lambda tree, c, q: leafwise.perturb(leaves, tree, c, q, mu)
     losses = probe_or_losses(scheme, leaves, params, move, value_fn, extra,
                              state.count)
     if losses is None:
@@ -157,7 +159,7 @@ def hizoo_transform(config: Config) -> optax.GradientTransformationExtraArgs:
     mu, valid = _checks.step_hyperparams(
         at_step(config.mu, state.count), config.rate, state.count)
     scales = [None if h is None else rule.inv_sqrt(h) for h in hess]
-    move = lambda tree, c: leafwise.perturb(leaves, tree, c, mu, scales)
+    move = lambda tree, c, q: leafwise.perturb(leaves, tree, c, q, mu, scales)
     losses = probe_or_losses(scheme, leaves, params, move, value_fn, extra,
                              state.count)
     if losses is None:

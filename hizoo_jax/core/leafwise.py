@@ -32,11 +32,19 @@ class Leaves(NamedTuple):
   trainable: list[bool]  # False: masked or frozen; never perturbed.
   seeds: jax.Array  # (q, leaves, 2) uint32: leaf i's seed at query j.
   sample: Sample  # the noise: noise.gaussian, or another of the generator.
+  zero: jax.Array  # (), uint32: 0, computed from the step count.
 
-  def z(self, i: int, j) -> jax.Array:
-    """Leaf i's noise at query j (float32), regenerated at every call."""
+  def z(self, i: int, j, use: int = 0) -> jax.Array:
+    """Leaf i's noise at query j (float32), regenerated at every call.
+
+    Each ``use`` (a consumer: the moves, the direction, the curvature's
+    sums) salts the seed with a zero XLA cannot prove: the same z drawn
+    twice would otherwise be merged by XLA and stored, a parameter-sized
+    buffer, instead of regenerated in each consumer.
+    """
     x = self.values[i]
-    return self.sample(self.seeds[j, i], jnp.shape(x),
+    seed = self.seeds[j, i] ^ (self.zero * jnp.uint32(use + 1))
+    return self.sample(seed, jnp.shape(x),
                        sharding=noise.explicit_sharding(x))
 
   def live(self) -> list[int]:
@@ -72,38 +80,46 @@ def leaves_of(params, mask, words: jax.Array, count: jax.Array,
   _checks.check_leaf_dtypes(values, paths, trainable)
   seeds = noise.leaf_seeds(
       words, count, jnp.arange(num_queries, dtype=jnp.uint32)[:, None], paths)
-  return Leaves(values, paths, treedef, trainable, seeds, sample)
+  zero = (jnp.asarray(count) >> 31).astype(jnp.uint32)  # count >= 0
+  return Leaves(values, paths, treedef, trainable, seeds, sample, zero)
+
+
+# Consumers of z (Leaves.z's ``use``).
+MOVE, DIRECTION, SUMS, ESTIMATE = range(4)
 
 
 def noise_map(leaves: Leaves, fn: Callable, queries: Sequence[int],
-              *per_leaf: Sequence) -> list:
+              *per_leaf: Sequence, use: int) -> list:
   """``fn(zs, *values)`` on every trainable leaf (None on the others).
 
   ``zs`` is the leaf's z at each of ``queries``; ``per_leaf`` are lists with
-  one value per leaf (such as its H^{-1/2}).
+  one value per leaf (such as its H^{-1/2}); ``use`` names the consumer.
   """
-  return [fn([leaves.z(i, j) for j in queries], *(v[i] for v in per_leaf))
+  return [fn([leaves.z(i, j, use) for j in queries],
+             *(v[i] for v in per_leaf))
           if keep else None for i, keep in enumerate(leaves.trainable)]
 
 
-def perturb(leaves: Leaves, params, coeffs, mu: jax.Array,
+def perturb(leaves: Leaves, params, coeffs, queries, mu: jax.Array,
             scales: Optional[Sequence] = None):
-  """``theta + mu * s * sum_j coeffs[j] z_j`` on the trainable leaves.
+  """``theta + mu * s * sum_t coeffs[t] z_{queries[t]}`` on trainable leaves.
 
-  ``coeffs`` (Q,) may be traced; ``scales`` gives each leaf's s (None: 1).
-  The sum is formed in float32 (or wider), then cast to the leaf's dtype.
+  ``coeffs`` and ``queries`` (T,) are the point's terms
+  (:func:`hizoo_jax.core.scheme.sparse`) and may be traced; ``scales``
+  gives each leaf's s (None: 1). The sum is formed in float32 (or wider),
+  then cast to the leaf's dtype.
   """
   scales = scales if scales is not None else [None] * len(leaves.values)
 
   def shift(zs, x, s):
-    delta = sum(coeffs[j] * zs[j] for j in range(len(zs))) * mu
+    delta = sum(coeffs[t] * z for t, z in enumerate(zs)) * mu
     delta = delta if s is None else delta * s
     wide = jnp.promote_types(x.dtype, jnp.float32)
     return (x.astype(wide) + delta).astype(x.dtype)
 
   flat = leaves.flat(params)
-  moved = noise_map(leaves, shift, range(leaves.seeds.shape[0]), flat,
-                    scales)
+  moved = noise_map(leaves, shift, [queries[t] for t in range(len(coeffs))],
+                    flat, scales, use=MOVE)
   return leaves.treedef.unflatten(
       [x if m is None else m for x, m in zip(flat, moved)])
 
@@ -118,16 +134,20 @@ def combine(leaves: Leaves, coeffs: jax.Array,
     out = sum(coeffs[j] * zs[j] for j in range(len(zs)))
     return out if s is None else out * s
 
-  out = noise_map(leaves, direction, range(leaves.seeds.shape[0]), scales)
+  out = noise_map(leaves, direction, range(leaves.seeds.shape[0]), scales,
+                  use=DIRECTION)
   return leaves.tree([None if d is None else d.astype(x.dtype)
                       for x, d in zip(leaves.values, out)])
 
 
-def group_sums(leaves: Leaves, fn: Callable, i: int,
-               axes: tuple[int, ...]) -> jax.Array:
+def group_sums(leaves: Leaves, fn: Callable, i: int, axes: tuple[int, ...],
+               factor: int = 0) -> jax.Array:
   """``sum fn(z_j)`` of leaf i over ``axes`` (kept, size 1), every query:
-  shape (q, *kept shape)."""
-  return jnp.stack([jnp.sum(fn(leaves.z(i, j)), axis=axes, keepdims=True)
+  shape (q, *kept shape). Each ``factor`` of a leaf is a consumer of its
+  own."""
+  use = SUMS if factor == 0 else ESTIMATE + factor  # all distinct
+  return jnp.stack([jnp.sum(fn(leaves.z(i, j, use)), axis=axes,
+                            keepdims=True)
                     for j in range(leaves.seeds.shape[0])])
 
 

@@ -137,5 +137,6 @@ def update(reference: bool, hess: list, stats, second: jax.Array,
   queries = range(second.shape[0])
   new = leafwise.noise_map(
       leaves, lambda zs, h: ema(h, estimate(h, second, zs, reference), rate,
-                                reference), queries, hess)
+                                reference), queries, hess,
+      use=leafwise.ESTIMATE)
   return new, stats

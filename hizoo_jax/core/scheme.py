@@ -76,6 +76,21 @@ def split_losses(scheme: Scheme, losses):
   return center, losses[offset::2], losses[offset + 1::2]
 
 
+def sparse(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """``(coeffs, queries)``, each (R, T): row r of ``table`` (R, Q) as its
+  non-zero terms ``sum_t coeffs[r, t] * z_{queries[r, t]}``, padded with
+  zero terms; T is the most terms of a row (one or two here), so a point or
+  a move draws only the z it needs."""
+  terms = max(1, int(np.max(np.sum(table != 0, axis=1))))
+  coeffs = np.zeros((table.shape[0], terms), np.float32)
+  queries = np.zeros((table.shape[0], terms), np.int32)
+  for r, row in enumerate(table):
+    nonzero = np.flatnonzero(row)
+    coeffs[r, :len(nonzero)] = row[nonzero]
+    queries[r, :len(nonzero)] = nonzero
+  return coeffs, queries
+
+
 def walk(scheme: Scheme) -> tuple[np.ndarray, np.ndarray]:
   """The lean step's phases: ``(evaluates, moves)``.
 
@@ -94,15 +109,18 @@ def walk(scheme: Scheme) -> tuple[np.ndarray, np.ndarray]:
 def losses(scheme: Scheme, loss_at, count):
   """L at every point of the scheme from theta, shape (P,) float32.
 
-  ``loss_at(coeffs)`` evaluates one point (``coeffs``: its (Q,) row, traced).
-  Points not evaluated at this ``count`` (see :class:`Scheme`) are NaN.
+  ``loss_at(coeffs, queries)`` evaluates one point given as its terms
+  (:func:`sparse`, traced). Points not evaluated at this ``count`` (see
+  :class:`Scheme`) are NaN.
   """
+  coeffs, queries = sparse(scheme.points)
+
   def one(k):
-    row = jnp.asarray(scheme.points)[k]
+    row = (jnp.asarray(coeffs)[k], jnp.asarray(queries)[k])
     if np.all(scheme.every == 1):
-      return loss_at(row).astype(jnp.float32)
+      return loss_at(*row).astype(jnp.float32)
     return lax.cond(count % jnp.asarray(scheme.every)[k] == 0,
-                    lambda r: loss_at(r).astype(jnp.float32),
+                    lambda r: loss_at(*r).astype(jnp.float32),
                     lambda r: jnp.full([], jnp.nan, jnp.float32), row)
 
   return lax.map(one, jnp.arange(scheme.points.shape[0]))

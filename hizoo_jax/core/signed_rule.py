@@ -160,7 +160,8 @@ def update(hess: list, stats: GroupedStats, second: jax.Array,
   shapes = [jnp.shape(x) for x in leaves.values]
   dim = float(sum(np.prod(shapes[i]) for i in live))
   sums = {(i, k): leafwise.group_sums(  # (q, *factor shape)
-      leaves, lambda z: jnp.square(z) - 1.0, i, shared_axes(f.shape, shapes[i]))
+      leaves, lambda z: jnp.square(z) - 1.0, i,
+      shared_axes(f.shape, shapes[i]), factor=k)
           for i in live for k, f in enumerate(hess[i])}
   norm_sq = dim + sum(jnp.sum(sums[i, 0].reshape(second.shape[0], -1), axis=1)
                       for i in live)
