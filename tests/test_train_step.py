@@ -170,14 +170,15 @@ def mlp_loss(p, x):
   return jnp.mean(x**2)
 
 
-@pytest.mark.parametrize("name", ["hizoo", "hizoo_l"])
+@pytest.mark.parametrize("name", ["mezo", "hizoo", "hizoo_l", "fzoo"])
 def test_lean_step_uses_less_memory_than_naive(name, monkeypatch):
   """A structural check of the compiled programs, not a timing."""
   # The suite runs on 8 simulated devices; HiZOO-L's reduction that computes
   # its operand as it goes is XLA:CPU's single-device path (fused_mean).
   monkeypatch.setattr(_xla, "single_device", lambda: True)
   params, x = MLP_PARAMS, MLP_INPUT
-  tx = {"hizoo": hz.hizoo, "hizoo_l": hz.hizoo_l}[name](1e-3)
+  tx = {"mezo": hz.mezo, "hizoo": hz.hizoo, "hizoo_l": hz.hizoo_l,
+        "fzoo": lambda lr: hz.fzoo(lr, num_probes=4)}[name](1e-3)
   state = tx.init(params)
 
   def naive(p, s, x):

@@ -106,6 +106,12 @@ def walk(scheme: Scheme) -> tuple[np.ndarray, np.ndarray]:
   return evaluates, table
 
 
+# Schemes of at most this many points evaluate them in straight-line code
+# (a value_fn with Python side effects sees them as calls, as in eager
+# code); larger ones in a loop, so the program holds one copy of the loss.
+_UNROLLED = 3
+
+
 def losses(scheme: Scheme, loss_at, count):
   """L at every point of the scheme from theta, shape (P,) float32.
 
@@ -123,7 +129,10 @@ def losses(scheme: Scheme, loss_at, count):
                     lambda r: loss_at(*r).astype(jnp.float32),
                     lambda r: jnp.full([], jnp.nan, jnp.float32), row)
 
-  return lax.map(one, jnp.arange(scheme.points.shape[0]))
+  num_points = scheme.points.shape[0]
+  if num_points <= _UNROLLED:  # one query: the loss's own calls, in order
+    return jnp.stack([one(k) for k in range(num_points)])
+  return lax.map(one, jnp.arange(num_points))  # one copy of the loss
 
 
 def given_losses(scheme: Scheme, given) -> jax.Array:
