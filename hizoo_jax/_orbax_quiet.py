@@ -12,9 +12,11 @@ import sys
 
 
 # orbax's log lines that restore's own checks make redundant: the notice that
-# a read-only manager will not save, and the error about a damaged
-# _CHECKPOINT_METADATA (orbax's timestamps; the data is checked by checksum).
-_REDUNDANT_LOGS = ("is read only", "Failed to json parse Metadata file")
+# a read-only manager will not save, and the complaints about a damaged
+# _CHECKPOINT_METADATA (orbax's timestamps and handler names; the data is
+# checked by checksum).
+_REDUNDANT_LOGS = ("is read only", "Failed to json parse Metadata file",
+                   "Provided metadata contains unknown key")
 
 
 class _DropRedundantLogs(logging.Filter):
@@ -41,6 +43,13 @@ def _is_closed_loop_callback(unraisable) -> bool:
           and tb is not None and tb.tb_frame.f_code.co_name == "_check_closed")
 
 
+def _is_abandoned_read(unraisable) -> bool:
+  """orbax's per-array read coroutine of a restore that already failed,
+  reporting its own failure when it is garbage-collected."""
+  return getattr(unraisable.object, "__qualname__", "") == (
+      "_read_array_index_and_device_put")
+
+
 class _DropAbandonedReads(logging.Filter):
   """asyncio's "Future exception was never retrieved" for the tensorstore
   reads of a restore that had already failed (reported by the warning)."""
@@ -52,7 +61,8 @@ class _DropAbandonedReads(logging.Filter):
 
 
 def _install_quiet_hooks() -> None:
-  """Drops only :func:`_is_closed_loop_callback` reports and abandoned
+  """Drops only :func:`_is_closed_loop_callback` and
+  :func:`_is_abandoned_read` reports and asyncio's logs of abandoned
   tensorstore reads, once per process (they may come after restore has
   returned); everything else reaches the previous hook and handlers."""
   previous = sys.unraisablehook
@@ -60,7 +70,8 @@ def _install_quiet_hooks() -> None:
     return
 
   def hook(unraisable):
-    if not _is_closed_loop_callback(unraisable):
+    if not (_is_closed_loop_callback(unraisable)
+            or _is_abandoned_read(unraisable)):
       previous(unraisable)
 
   hook.hizoo_jax_filter = True

@@ -51,6 +51,8 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Optional
 import warnings
@@ -197,6 +199,7 @@ def save_checkpoint(directory, step: int, params, opt_state, *,
           "opt_state": describe(opt_state),
           "checksums": {k: _checksum.checksums(list(v.values()))
                         for k, v in flats.items()}}
+  meta["digest"] = _digest(meta)
   ocp = _orbax()
   with _manager(directory, max_to_keep) as manager:
     steps = sorted(manager.all_steps())
@@ -250,7 +253,16 @@ def _read_meta(manager, directory, step: int) -> dict:
         f"written by hizoo_jax): {e}") from e
   if not isinstance(meta, dict) or meta.get("format") not in _FORMATS:
     raise _Unreadable(f"{where} was not written by hizoo_jax.save_checkpoint.")
+  if meta["format"] != _FORMATS[0] and meta.get("digest") != _digest(meta):
+    raise _Unreadable(f"{where}: the checkpoint metadata fails its checksum "
+                      "(it changed after it was saved).")
   return meta
+
+
+def _digest(meta: dict) -> str:
+  """SHA-256 of the metadata without its digest (canonical JSON)."""
+  body = {k: v for k, v in meta.items() if k != "digest"}
+  return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _read_arrays(manager, directory, step: int, meta: dict, params,

@@ -12,7 +12,6 @@ import os
 import shutil
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -24,73 +23,14 @@ EXAMPLES = os.path.join(ROOT, "examples")
 SST2 = os.path.join(ROOT, "..", "shared", "data", "SST-2")
 sys.path.insert(0, EXAMPLES)
 finetune = pytest.importorskip("finetune")
-
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "it", "was", "great",
-         "terrible", ".", "a", "the", "movie", "film", "very", "not", "good",
-         "bad", "fun", "boring", "awful", "lovely", "plot", "and"]
-POS = ["a very good movie", "lovely and fun", "the film was great",
-       "good plot", "a lovely film", "great fun", "very good and fun"]
-NEG = ["a very bad movie", "boring and awful", "the film was terrible",
-       "bad plot", "an awful film", "not fun", "very boring and bad"]
-
-
-def _write_tsv(path, rows):
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("sentence\tlabel\n")
-    for text, label in rows:
-      f.write(f"{text}\t{label}\n")
-
-
-def _random_params(model):
-  """Weights drawn as BERT and GPT-2 initialise them (normal, std 0.02;
-  LayerNorm scale 1, biases 0) from the shapes alone: compiling the model's
-  init_weights took about 3 s per tiny model."""
-  shapes = jax.eval_shape(lambda key: model.init_weights(key, (1, 8)),
-                          jax.random.key(0))
-  rng = np.random.default_rng(0)
-
-  def leaf(path, shape):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['scale']"):
-      return np.ones(shape.shape, shape.dtype)
-    if name.endswith("['bias']"):
-      return np.zeros(shape.shape, shape.dtype)
-    return (0.02 * rng.standard_normal(shape.shape)).astype(shape.dtype)
-
-  return jax.tree_util.tree_map_with_path(leaf, shapes)
+import example_assets  # pylint: disable=wrong-import-position
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
   """Tiny models (embed, mlm, causal) sharing a WordPiece vocab + data."""
   root = tmp_path_factory.mktemp("assets")
-  vocab = root / "vocab.txt"
-  vocab.write_text("\n".join(WORDS) + "\n")
-  tok = transformers.BertTokenizerFast(str(vocab))
-  transformers.logging.set_verbosity_error()
-  bert = transformers.BertConfig(
-      vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=1,
-      num_attention_heads=2, intermediate_size=64,
-      max_position_embeddings=64)
-  gpt = transformers.GPT2Config(vocab_size=len(WORDS), n_embd=32, n_layer=1,
-                                n_head=2, n_positions=64)
-  models = {}
-  for name, cls, config in [
-      ("embed", transformers.FlaxBertModel, bert),
-      ("mlm", transformers.FlaxBertForMaskedLM, bert),
-      ("causal", transformers.FlaxGPT2LMHeadModel, gpt)]:
-    folder = root / name
-    model = cls(config, _do_init=False)
-    model.save_pretrained(folder, params=_random_params(model))
-    tok.save_pretrained(folder)
-    models[name] = str(folder)
-  data = root / "data"
-  data.mkdir()
-  rows = [(t, 1) for t in POS] + [(t, 0) for t in NEG]
-  _write_tsv(data / "train.tsv", rows * 3)
-  _write_tsv(data / "dev.tsv", rows)
-  _write_tsv(data / "test.tsv", rows)
-  return {"models": models, "data": str(data), "root": root}
+  return dict(example_assets.tiny_assets(root), root=root)
 
 
 def _run(assets, tmp_path, *flags, model="embed", steps=3):
@@ -508,7 +448,7 @@ def test_bad_inputs_exit_with_clear_errors(assets, tmp_path, capsys):
           "--k", "4"]
   negative = tmp_path / "negative"
   shutil.copytree(assets["data"], negative)
-  _write_tsv(negative / "test.tsv", [("a lovely film", 1), ("bad plot", -1)])
+  example_assets.write_tsv(negative / "test.tsv", [("a lovely film", 1), ("bad plot", -1)])
   cases = [
       (["--data-dir", str(negative), "--model", assets["models"]["embed"]],
        "test.tsv:3: label -1 is not a class"),
