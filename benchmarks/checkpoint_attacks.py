@@ -19,6 +19,8 @@ each in CI):
 * ``example``: examples/finetune.py on a tiny random BERT is SIGKILLed at a
   random moment, then ``--resume``d to the end; its losses must equal an
   uninterrupted run's.
+* ``example_concurrent``: two such runs started together on one
+  ``--output``: one must run, the other be refused ("in use by").
 
 Usage (from the repository root; each attack prints a table and writes
 ``benchmarks/results/checkpoint_attacks.json``)::
@@ -179,19 +181,42 @@ def attack_flips(trials: int) -> dict:
   return out
 
 
-def attack_example(trials: int) -> dict:
-  """SIGKILL examples/finetune.py at random; --resume must match."""
+def _example_argv(d):
   sys.path.insert(0, os.path.join(ROOT, "tests"))
   from example_assets import tiny_assets  # pylint: disable=import-outside-toplevel
+  assets = tiny_assets(d)
+  return [sys.executable, os.path.join(ROOT, "examples", "finetune.py"),
+          "--model", assets["models"]["embed"], "--data-dir",
+          assets["data"], "--k", "4", "--steps", "12", "--batch-size", "4",
+          "--eval-every", "2", "--eval-size", "8", "--max-length", "16",
+          "--lora-rank", "2", "--no-progress", "--compare"]
+
+
+def attack_example_concurrent(trials: int) -> dict:
+  """Two examples/finetune.py runs started together on one --output."""
+  out = {"trials": trials, "one_ran_one_refused": 0, "other": 0}
+  with tempfile.TemporaryDirectory() as d:
+    argv = _example_argv(d)
+    for trial in range(trials):
+      run = os.path.join(d, f"run{trial}")
+      procs = [subprocess.Popen(argv + ["--output", run], env=ENV,
+                                stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+               for _ in range(2)]
+      results = [(p.wait(), p.stderr.read()) for p in procs]
+      codes = sorted(code for code, _ in results)
+      refused = any("in use by" in err for _, err in results)
+      ok = codes[0] == 0 and codes[1] != 0 and refused
+      out["one_ran_one_refused" if ok else "other"] += 1
+  return out
+
+
+def attack_example(trials: int) -> dict:
+  """SIGKILL examples/finetune.py at random; --resume must match."""
   out = {"trials": trials, "identical": 0, "differs": 0, "failed": 0}
   rng = random.Random(0)
   with tempfile.TemporaryDirectory() as d:
-    assets = tiny_assets(d)
-    argv = [sys.executable, os.path.join(ROOT, "examples", "finetune.py"),
-            "--model", assets["models"]["embed"], "--data-dir",
-            assets["data"], "--k", "4", "--steps", "12", "--batch-size", "4",
-            "--eval-every", "2", "--eval-size", "8", "--max-length", "16",
-            "--lora-rank", "2", "--no-progress", "--compare"]
+    argv = _example_argv(d)
     t0 = time.time()
     ref = os.path.join(d, "ref")
     subprocess.run(argv + ["--output", ref], check=True, env=ENV,
@@ -220,8 +245,10 @@ def attack_example(trials: int) -> dict:
 
 
 ATTACKS = {"kill": attack_kill, "concurrent": attack_concurrent,
-           "flips": attack_flips, "example": attack_example}
-DEFAULT_TRIALS = {"kill": 20, "concurrent": 5, "flips": 100, "example": 5}
+           "flips": attack_flips, "example": attack_example,
+           "example_concurrent": attack_example_concurrent}
+DEFAULT_TRIALS = {"kill": 20, "concurrent": 5, "flips": 100, "example": 5,
+                  "example_concurrent": 2}
 
 
 def main(argv=None) -> dict:
@@ -240,9 +267,15 @@ def main(argv=None) -> dict:
     results[name]["seconds"] = round(time.time() - t0, 1)
     print(name, json.dumps(results[name]), flush=True)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  saved = {}
+  if os.path.isfile(args.out):  # attacks run separately add up in one file
+    with open(args.out) as f:
+      saved = json.load(f).get("results", {})
+  when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+  for result in results.values():
+    result["when"] = when
   with open(args.out, "w") as f:
-    json.dump({"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "results": results}, f, indent=2)
+    json.dump({"results": dict(saved, **results)}, f, indent=2)
   return results
 
 

@@ -122,12 +122,14 @@ def restore(directory: str, train, opt_state):
   directory = os.path.abspath(directory)
   history = _history.read(directory)
   whole = -1 if history is None else history["step"]
-  for step in (s for s in hz.all_steps(directory) if s > whole):
+  unrecorded = [s for s in hz.all_steps(directory) if s > whole]
+  for step in unrecorded:
     _set_aside(directory, step, "has no recorded history (the run stopped "
                "between its checkpoint and its history)")
   if not hz.all_steps(directory):
-    print(f"--resume: no checkpoint in {directory} yet; starting from step 0.",
-          flush=True)
+    if unrecorded:  # (without any checkpoint, finetune.py has said so)
+      print("--resume: no checkpoint with a recorded history; starting from "
+            "step 0.", flush=True)
     return None
   try:
     step, train, opt_state = hz.restore_checkpoint(directory, train, opt_state)
