@@ -5,7 +5,7 @@ Issue 26's attacks at scale (tests/test_checkpoint_safety.py runs a few of
 each in CI):
 
 * ``kill``: a child process saves steps 1, 2, ... of a HiZOO state; it is
-  SIGKILLed at a random moment (uniform over its saving time). Then the
+  SIGKILLed at a random moment (uniform over its saves after the first). Then the
   newest step must restore exactly what was saved at that step, every listed
   step must verify, and the run must go on (a save of the next step, taking
   over the dead writer's lock).
@@ -97,9 +97,12 @@ def _saver(directory, value, steps):
 
 def attack_kill(trials: int, steps: int = 8) -> dict:
   """SIGKILL during saves; restore, verify, go on."""
+  # Kills land uniformly over the saves after the first one (before it,
+  # there is nothing to lose).
   with tempfile.TemporaryDirectory() as d:
     proc = _saver(d, 0.0, steps)
-    proc.stdout.readline()
+    while not proc.stdout.readline().startswith("SAVED"):
+      pass
     t0 = time.time()
     proc.wait()
     duration = time.time() - t0
@@ -109,7 +112,8 @@ def attack_kill(trials: int, steps: int = 8) -> dict:
   for _ in range(trials):
     with tempfile.TemporaryDirectory() as d:
       proc = _saver(d, 0.0, steps)
-      proc.stdout.readline()  # READY
+      while not proc.stdout.readline().startswith("SAVED"):
+        pass
       time.sleep(rng.uniform(0, duration))
       proc.send_signal(signal.SIGKILL)
       proc.wait()

@@ -44,7 +44,7 @@ def encode(x):
 def flat(tree) -> dict[str, Any]:
   """``{"0": leaf, ...}``; orbax refuses empty items, so () gets a marker."""
   out = {str(i): encode(x)
-          for i, x in enumerate(jax.tree_util.tree_leaves(tree))}
+         for i, x in enumerate(jax.tree_util.tree_leaves(tree))}
   return out or {"empty": np.zeros((), np.int8)}
 
 
@@ -54,11 +54,10 @@ def _abstract_leaf(x):
     return np.zeros((), np.asarray(x).dtype)  # read back as NumPy
   if not _is_key(x) and host_only(x.dtype):
     return np.zeros(x.shape, x.dtype)
-  if _is_key(x):
+  if _is_key(x):  # its key data, on one device; decode() places the key.
     x = jax.eval_shape(jax.random.key_data, x)
-  sharding = getattr(x, "sharding", None)
-  if sharding is None or _is_key(x):
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  sharding = getattr(x, "sharding", None) or (
+      jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
