@@ -77,33 +77,49 @@ def load_rt_snippets() -> tuple[TextData, TextData]:
   return data.subset(np.arange(n)), data.subset(np.arange(n, len(data)))
 
 
-def read_tsv(path: str) -> TextData:
-  """A ``sentence<TAB>label`` file with a header row."""
+def read_tsv(path: str, num_classes: int | None = None) -> TextData:
+  """A ``sentence<TAB>label`` file with a header row.
+
+  Labels must be integers in ``[0, num_classes)`` (``>= 0`` if
+  ``num_classes`` is None); a bad row raises ValueError naming ``path:line``.
+  """
   texts, labels = [], []
-  with open(path, encoding="utf-8", newline="") as f:
-    reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-    header = next(reader, None)
-    if header is None:
-      raise ValueError(f"{path} is empty.")
-    names = [h.strip().lower() for h in header]
-    text_col = names.index("sentence") if "sentence" in names else 0
-    label_col = names.index("label") if "label" in names else len(names) - 1
-    for line, row in enumerate(reader, start=2):
-      if not row:
-        continue
-      try:
-        labels.append(int(row[label_col]))
-        texts.append(row[text_col].strip())
-      except (IndexError, ValueError) as e:
-        raise ValueError(
-            f"{path}:{line}: expected 'sentence<TAB>label' with an integer "
-            f"label, got {row!r}.") from e
+  top = "" if num_classes is None else f" and < {num_classes}"
+  try:
+    with open(path, encoding="utf-8", newline="") as f:
+      reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+      header = next(reader, None)
+      if header is None:
+        raise ValueError(f"{path} is empty.")
+      names = [h.strip().lower() for h in header]
+      text_col = names.index("sentence") if "sentence" in names else 0
+      label_col = names.index("label") if "label" in names else len(names) - 1
+      for line, row in enumerate(reader, start=2):
+        if not row:
+          continue
+        try:
+          label = int(row[label_col])
+          text = row[text_col].strip()
+        except (IndexError, ValueError) as e:
+          raise ValueError(
+              f"{path}:{line}: expected 'sentence<TAB>label' with an integer "
+              f"label, got {row!r}.") from e
+        if label < 0 or (num_classes is not None and label >= num_classes):
+          raise ValueError(
+              f"{path}:{line}: label {label} is not a class: labels must be "
+              f">= 0{top} (one per --label-words word).")
+        labels.append(label)
+        texts.append(text)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path} is not UTF-8 text ({e}); convert it, e.g. "
+                     f"with iconv -t utf-8.") from None
   if not texts:
     raise ValueError(f"{path} has a header but no examples.")
   return TextData(texts, np.asarray(labels, np.int32))
 
 
-def load_tsv_dir(data_dir: str) -> tuple[TextData, TextData]:
+def load_tsv_dir(data_dir: str,
+                 num_classes: int | None = None) -> tuple[TextData, TextData]:
   """(pool, test) from DIR/train.tsv (+ dev.tsv) and DIR/test.tsv."""
   if not os.path.isdir(data_dir):
     raise FileNotFoundError(f"--data-dir {data_dir!r} is not a folder.")
@@ -113,13 +129,13 @@ def load_tsv_dir(data_dir: str) -> tuple[TextData, TextData]:
     raise FileNotFoundError(
         f"--data-dir {data_dir!r} has no {' or '.join(missing)}: it needs "
         "train.tsv and test.tsv (sentence<TAB>label with a header row).")
-  pool = read_tsv(os.path.join(data_dir, "train.tsv"))
+  pool = read_tsv(os.path.join(data_dir, "train.tsv"), num_classes)
   dev = os.path.join(data_dir, "dev.tsv")
   if os.path.isfile(dev):
-    extra = read_tsv(dev)
+    extra = read_tsv(dev, num_classes)
     pool = TextData(pool.texts + extra.texts,
                     np.concatenate([pool.labels, extra.labels]))
-  return pool, read_tsv(os.path.join(data_dir, "test.tsv"))
+  return pool, read_tsv(os.path.join(data_dir, "test.tsv"), num_classes)
 
 
 def load_glue(task: str) -> tuple[TextData, TextData]:
@@ -143,10 +159,12 @@ def load_glue(task: str) -> tuple[TextData, TextData]:
   return convert(ds["train"]), convert(ds["validation"])
 
 
-def load(data: str, data_dir: str | None) -> tuple[TextData, TextData]:
-  """(training pool, test set) for the --data / --data-dir flags."""
+def load(data: str, data_dir: str | None,
+         num_classes: int | None = None) -> tuple[TextData, TextData]:
+  """(training pool, test set) for the --data / --data-dir flags; TSV labels
+  are checked against ``num_classes``."""
   if data_dir:
-    return load_tsv_dir(data_dir)
+    return load_tsv_dir(data_dir, num_classes)
   if data == DEFAULT_DATA:
     return load_rt_snippets()
   if data.startswith("glue/"):

@@ -3,12 +3,11 @@
 The zeroth-order step is ``hizoo_jax.make_train_step`` and checkpoints are
 ``hizoo_jax.save_checkpoint`` / ``restore_checkpoint``; this file only adds
 what the example needs around them (the Adam baseline's step, evaluation,
-the loss history beside each checkpoint).
+the loss history beside the checkpoints, examples/_history.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import shutil
@@ -20,8 +19,10 @@ import numpy as np
 import optax
 
 import hizoo_jax as hz
+import _history
 
 KEEP_CHECKPOINTS = 2
+SET_ASIDE = "checkpoints-set-aside"
 
 
 def make_step(tx, value_fn, zeroth_order: bool):
@@ -87,44 +88,56 @@ def peak_memory_mb() -> float:
 
 
 def save(directory: str, step: int, train, opt_state, history: dict) -> None:
-  """Checkpoint (trained tree, optimizer state) at ``step`` plus the history."""
+  """Checkpoint (trained tree, optimizer state) at ``step``, then the
+  history up to it (a kill in between: resume goes back one checkpoint)."""
   directory = os.path.abspath(directory)
   hz.save_checkpoint(directory, step, train, opt_state,
                      max_to_keep=KEEP_CHECKPOINTS)
-  with open(os.path.join(directory, f"history_{step}.json"), "w") as f:
-    json.dump(history, f)
+  _history.write(directory, step, history)
+
+
+def _set_aside(directory: str, step: int, why: str) -> None:
+  """Moves a step to ``<run>/checkpoints-set-aside`` (kept, not deleted), so
+  the resumed run can save that step number again."""
+  aside = os.path.join(os.path.dirname(directory), SET_ASIDE, str(step))
+  while os.path.exists(aside):  # moved before: keep both copies.
+    aside += "-again"
+  os.makedirs(os.path.dirname(aside), exist_ok=True)
+  shutil.move(os.path.join(directory, str(step)), aside)
+  print(f"--resume: step {step} {why}; moved it to {aside}.", flush=True)
 
 
 def restore(directory: str, train, opt_state):
-  """The newest readable checkpoint: (step, train, opt_state, history).
+  """The newest readable checkpoint whose history is whole.
 
-  ``hz.restore_checkpoint`` skips an unreadable newer step with a warning;
-  such steps are then moved to ``<directory>-unreadable`` (and said so), so
-  that the resumed run can save those step numbers again and ``max_to_keep``
-  does not count them.
+  Returns ``(step, train, opt_state, history)``, the history trimmed to the
+  step; or None (and says so) when there is no such checkpoint, e.g. a run
+  killed before its first one: it then starts from step 0. Newer steps
+  (unreadable, or saved without their history) are set aside.
 
   Raises:
-    ValueError: no readable checkpoint, or one that does not fit the run.
+    ValueError: an unreadable history file, no readable checkpoint, or one
+      that does not fit the run.
   """
   directory = os.path.abspath(directory)
+  history = _history.read(directory)
+  whole = -1 if history is None else history["step"]
+  unrecorded = [s for s in hz.all_steps(directory) if s > whole]
+  for step in unrecorded:
+    _set_aside(directory, step, "has no recorded history (the run stopped "
+               "between its checkpoint and its history)")
+  if not hz.all_steps(directory):
+    if unrecorded:  # (without any checkpoint, finetune.py has said so)
+      print("--resume: no checkpoint with a recorded history; starting from "
+            "step 0.", flush=True)
+    return None
   try:
     step, train, opt_state = hz.restore_checkpoint(directory, train, opt_state)
   except hz.CheckpointError as e:
     raise ValueError(f"--resume: {e}") from e
   for newer in (s for s in hz.all_steps(directory) if s > step):
-    aside = os.path.join(directory + "-unreadable", str(newer))
-    while os.path.exists(aside):  # moved before: keep both copies.
-      aside += "-again"
-    os.makedirs(os.path.dirname(aside), exist_ok=True)
-    shutil.move(os.path.join(directory, str(newer)), aside)
-    print(f"--resume: step {newer} is unreadable; moved it to {aside} and "
-          f"resumed from step {step}.", flush=True)
-  history = None
-  path = os.path.join(directory, f"history_{step}.json")
-  if os.path.isfile(path):
-    with open(path) as f:
-      history = json.load(f)
-  return step, train, opt_state, history
+    _set_aside(directory, newer, f"is unreadable; resumed from step {step}")
+  return step, train, opt_state, _history.trim(history, step)
 
 
 def to_json(x):

@@ -1,10 +1,13 @@
 """Run folders for examples/finetune.py: where a run writes, resuming, comparing.
 
 Every run gets its own folder (by default ``runs/finetune/<time>-<optimizer>``)
-holding ``config.json`` (written before the first step), ``checkpoints/``,
-``metrics.json`` and ``curves.png``. A folder that already holds a run is
-never written over unless ``--overwrite`` says so, and ``--resume`` refuses a
-run made with flags that change the trajectory.
+holding ``config.json`` (written before the first step), ``checkpoints/``
+(with ``history.json``), ``metrics.json`` and ``curves.png``. A folder that
+already holds a run is never written over unless ``--overwrite`` says so, and
+``--resume`` refuses a run made with flags that change the trajectory. A run
+that stopped before its first checkpoint holds nothing worth keeping: a
+plain rerun reuses its folder, ``--resume`` starts it from step 0. One run at
+a time uses a folder: it holds ``.finetune.lock`` (pid, host) while it runs.
 """
 
 from __future__ import annotations
@@ -13,10 +16,14 @@ import json
 import os
 import shutil
 import time
+import warnings
+
+from hizoo_jax import dirlock
 
 RUNS_ROOT = os.path.join("runs", "finetune")
 RUN_FILES = ("config.json", "metrics.json", "curves.png", "checkpoints",
-             "checkpoints-unreadable")
+             "checkpoints-set-aside", "checkpoints-unreadable")
+LOCK = ".finetune.lock"
 # Flags that change the trained trajectory; eval-size is here too because
 # the resumed history would otherwise mix accuracies on different sets.
 TRAJECTORY_FLAGS = (
@@ -33,6 +40,30 @@ COMPARABLE_FLAGS = (
 def holds_run(path: str) -> bool:
   """True if ``path`` has any file a run writes."""
   return any(os.path.exists(os.path.join(path, f)) for f in RUN_FILES)
+
+
+def _has_checkpoint(path: str) -> bool:
+  ckpt = os.path.join(path, "checkpoints")
+  return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
+
+
+def stopped_before_first_checkpoint(path: str) -> bool:
+  """A run folder with nothing to keep: no checkpoint, no metrics, nothing
+  set aside (the run was stopped before its first checkpoint)."""
+  kept = ("metrics.json", "curves.png", "checkpoints-set-aside",
+          "checkpoints-unreadable")
+  return not (_has_checkpoint(path) or any(
+      os.path.exists(os.path.join(path, f)) for f in kept))
+
+
+def claim(path: str) -> None:
+  """Makes this process the only run using ``path`` (ValueError if another
+  live run holds it); the claim ends when the process does."""
+  os.makedirs(path, exist_ok=True)
+  try:
+    dirlock.hold(path, LOCK, "running examples/finetune.py")
+  except dirlock.LockedError as e:
+    raise ValueError(f"--output: {e}") from None
 
 
 def new_run_dir(root: str, optimizer: str) -> str:
@@ -56,7 +87,10 @@ def new_run_dir(root: str, optimizer: str) -> str:
 def discard_if_empty(path: str) -> None:
   """Removes the folder :func:`new_run_dir` made if nothing was written."""
   if (os.path.dirname(os.path.normpath(path)) == RUNS_ROOT
-      and os.path.isdir(path) and not os.listdir(path)):
+      and os.path.isdir(path) and set(os.listdir(path)) <= {LOCK}):
+    dirlock.release(path, LOCK)
+    if os.path.exists(os.path.join(path, LOCK)):
+      os.remove(os.path.join(path, LOCK))
     os.rmdir(path)
 
 
@@ -71,25 +105,35 @@ def newest_run(root: str) -> str | None:
 
 
 def resolve_output(args) -> str:
-  """The folder this run writes to; ValueError if that would lose a run."""
+  """The folder this run writes to, claimed for this process; ValueError if
+  that would lose a run or another run uses it."""
   if args.output is None:
     if not args.resume:
-      return new_run_dir(RUNS_ROOT, args.optimizer)
+      path = new_run_dir(RUNS_ROOT, args.optimizer)
+      claim(path)
+      return path
     found = newest_run(RUNS_ROOT)
     if found is None:
       raise ValueError(f"--resume: no run with checkpoints in {RUNS_ROOT}; "
                        "pass --output with the run's folder.")
     print(f"--resume: continuing the newest run, {found}", flush=True)
+    claim(found)
     return found
+  claim(args.output)  # first: two runs started together cannot both pass.
   if args.resume:
-    if not os.path.isdir(os.path.join(args.output, "checkpoints")):
-      raise ValueError(f"--resume: no checkpoints in {args.output}/checkpoints;"
-                       " run without --resume first.")
+    if not _has_checkpoint(args.output):
+      print(f"--resume: no checkpoint in {args.output} yet; the run starts "
+            "from step 0.", flush=True)
   elif holds_run(args.output) and not args.overwrite:
-    raise ValueError(
-        f"{args.output} already holds a run: pass --resume to continue it, "
-        "--overwrite to replace it, or another --output (without --output "
-        "every run gets a new folder).")
+    if stopped_before_first_checkpoint(args.output):
+      print(f"{args.output}: the run there stopped before its first "
+            "checkpoint; reusing the folder.", flush=True)
+      _clear(args.output)
+    else:
+      raise ValueError(
+          f"{args.output} already holds a run: pass --resume to continue it, "
+          "--overwrite to replace it, or another --output (without --output "
+          "every run gets a new folder).")
   return args.output
 
 
@@ -112,6 +156,8 @@ def check_resume(args) -> None:
   """ValueError naming every trajectory flag that differs from the run's."""
   path = os.path.join(args.output, "config.json")
   if not os.path.isfile(path):
+    if not _has_checkpoint(args.output):
+      return  # stopped before it wrote anything: nothing to compare with.
     raise ValueError(f"--resume: {path} is missing, so the run's flags cannot"
                      " be checked; start a new run (or --overwrite).")
   with open(path) as f:
@@ -126,17 +172,21 @@ def check_resume(args) -> None:
         "flags, or start a new run.")
 
 
+def _clear(folder: str) -> None:
+  for name in RUN_FILES:
+    path = os.path.join(folder, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
+
+
 def prepare(args) -> None:
   """Clears an old run if ``--overwrite``, then records this run's flags."""
-  if args.resume:
+  if args.resume and os.path.isfile(os.path.join(args.output, "config.json")):
     return
   if args.overwrite and holds_run(args.output):
-    for name in RUN_FILES:
-      path = os.path.join(args.output, name)
-      if os.path.isdir(path):
-        shutil.rmtree(path)
-      elif os.path.exists(path):
-        os.remove(path)
+    _clear(args.output)
     print(f"--overwrite: removed the previous run in {args.output} "
           f"({', '.join(RUN_FILES)})", flush=True)
   os.makedirs(args.output, exist_ok=True)
@@ -144,13 +194,22 @@ def prepare(args) -> None:
     json.dump(trajectory_config(args), f, indent=2)
 
 
-def _load_metrics(path: str) -> dict | None:
+def load_metrics(path: str) -> dict | None:
+  """A run's metrics (``path``: its folder or metrics.json); None if it has
+  none; ValueError naming the file if it cannot be read."""
   if os.path.isdir(path):
     path = os.path.join(path, "metrics.json")
   if not os.path.isfile(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      metrics = json.load(f)
+    if not isinstance(metrics, dict) or not isinstance(
+        metrics.get("config", {}), dict):
+      raise ValueError("not a metrics object")
+  except (OSError, ValueError) as e:
+    raise ValueError(f"cannot read {path}: {e}") from None
+  return metrics
 
 
 def comparisons(args) -> list[dict]:
@@ -163,7 +222,7 @@ def comparisons(args) -> list[dict]:
   (finetune.py has checked that the ``--compare`` paths exist.)
   """
   if args.compare is not None:
-    return [_load_metrics(path) for path in args.compare]
+    return [load_metrics(path) for path in args.compare]
   parent = os.path.dirname(os.path.abspath(args.output))
   mine = trajectory_config(args)
   newest = {}
@@ -172,7 +231,12 @@ def comparisons(args) -> list[dict]:
     if (not os.path.isfile(path)
         or os.path.samefile(os.path.dirname(path), args.output)):
       continue
-    metrics = _load_metrics(path)
+    try:
+      metrics = load_metrics(path)
+    except ValueError as e:  # a broken sibling must not fail this run
+      warnings.warn(f"not comparing with a broken run: {e}", RuntimeWarning,
+                    stacklevel=2)
+      continue
     config = metrics.get("config", {})
     if (config.get("optimizer") in (None, args.optimizer) or any(
         _normal(k, config.get(k)) != mine[k] for k in COMPARABLE_FLAGS)):

@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hizoo_jax as hz  # pylint: disable=wrong-import-position
 from hizoo_jax import lora  # pylint: disable=wrong-import-position
 import _data  # pylint: disable=wrong-import-position
+import _history  # pylint: disable=wrong-import-position
 import _loop  # pylint: disable=wrong-import-position
 import _model  # pylint: disable=wrong-import-position
 import _plot  # pylint: disable=wrong-import-position
@@ -183,9 +184,11 @@ def check_args(parser, args) -> None:
     fail("--resume continues the run in --output and --overwrite replaces "
          "it: pass one of them.")
   for path in args.compare or []:
-    if not os.path.isfile(os.path.join(path, "metrics.json")) and not (
-        path.endswith(".json") and os.path.isfile(path)):
-      fail(f"--compare {path}: no metrics.json there.")
+    try:
+      if _runs.load_metrics(path) is None:
+        fail(f"--compare {path}: no metrics.json there.")
+    except ValueError as e:
+      fail(f"--compare {path}: {e}")
   if args.lr is None:
     args.lr = default_lr(args.optimizer, args.peft)
   try:
@@ -232,10 +235,10 @@ def run(args) -> dict:
   """Train and evaluate as the flags say; returns the metrics dict."""
   t_start = time.time()
   _model.resolve_model(args.model)  # a bad --model fails before the data
-  pool, test = _data.load(args.data, args.data_dir)
+  words = args.label_words.split(",")
+  pool, test = _data.load(args.data, args.data_dir, num_classes=len(words))
   train_set = _data.sample_k_shot(pool, args.k, args.data_seed)
   eval_set = _data.eval_subset(test, args.eval_size)
-  words = args.label_words.split(",")
   n_classes = int(max(train_set.labels.max(), eval_set.labels.max())) + 1
   if len(words) < n_classes:
     raise ValueError(f"the data has {n_classes} classes but --label-words "
@@ -267,14 +270,13 @@ def run(args) -> dict:
   step_fn = _loop.make_step(tx, value_fn, args.optimizer != "adam")
   # Only now, with model and data loaded, does the run folder get written.
   _runs.prepare(args)
-  history = {"train_steps": [], "train_loss": [], "eval_steps": [],
-             "eval_accuracy": [], "train_seconds": 0.0}
+  history = _history.new()
   start = 0
-  if args.resume:
-    start, train, opt_state, saved = _loop.restore(
-        os.path.join(args.output, "checkpoints"), train, opt_state)
+  restored = _loop.restore(os.path.join(args.output, "checkpoints"), train,
+                           opt_state) if args.resume else None
+  if restored is not None:
+    start, train, opt_state, history = restored
     train, opt_state = _loop.own_buffers((train, opt_state))
-    history = saved or history
   if start == 0:
     history["eval_steps"].append(0)
     history["eval_accuracy"].append(evaluate(train))

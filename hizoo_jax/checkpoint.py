@@ -14,8 +14,24 @@ A thin layer over ``orbax.checkpoint.CheckpointManager``:
 * ``max_to_keep`` newest steps are kept; older ones are deleted after a save.
 * Restoring checks the stored metadata against the target first and reports
   a mismatch with :class:`CheckpointError`. When the newest step cannot be
-  read (corrupt files), restore warns, names it and falls back to the newest
-  step that reads; restore never deletes or changes anything.
+  read (corrupt files, or data that fails its checksum), restore warns once,
+  names it and falls back to the newest step that reads; restore never
+  deletes or changes anything, and prints nothing else.
+* Checksummed: the metadata holds two 32-bit checksums of every array
+  (:mod:`hizoo_jax._checksum`, computed by value, so the same on any mesh);
+  restore and ``all_steps(verify=True)`` check them, so any single-bit flip
+  in the data is caught. Checkpoints written before checksums (format 1)
+  still restore, unchecked.
+* One writer per directory: the first save of a process takes a lock file
+  (``.hizoo_jax-writer.lock``, an OS ``flock`` recording pid and host;
+  :mod:`hizoo_jax.dirlock`) held until the process exits; a save from any
+  other process fails with :class:`CheckpointError` naming the owner. A lock
+  left by a killed process is taken over. (In a multi-host run process 0
+  holds it.)
+* Steps only go forward: saving a step below the newest saved one raises,
+  unless ``supersede=True`` deletes the later steps first (a rollback).
+* Leaves may be arrays, typed PRNG keys (stored as their key data) and
+  Python or NumPy scalars (restored as the target's type).
 
 The optimizer state holds the step count and the PRNG key words, so a run
 restored from step ``k`` draws the same z and updates the same H as the run
@@ -35,16 +51,25 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import logging
+import hashlib
+import json
 import os
-from typing import Any, Optional
+from typing import Optional
 import warnings
 
 import jax
 import numpy as np
 
-_FORMAT = "hizoo_jax.checkpoint/1"
+from hizoo_jax import _checksum
+from hizoo_jax import _orbax_quiet
+from hizoo_jax import dirlock
+from hizoo_jax._checkpoint_leaves import (KEY_WORDS, abstract_flat, decode,
+                                          describe, host_only)
+from hizoo_jax._checkpoint_leaves import flat as flat_tree
+
+_FORMAT = "hizoo_jax.checkpoint/2"  # /2: with checksums.
+_FORMATS = ("hizoo_jax.checkpoint/1", _FORMAT)
+LOCK_NAME = ".hizoo_jax-writer.lock"
 
 
 class CheckpointError(RuntimeError):
@@ -66,33 +91,6 @@ def _orbax():
   return ocp
 
 
-def _describe(tree) -> list[list]:
-  """[path, shape, dtype] of every leaf of ``tree``."""
-  out = []
-  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
-      x = np.asarray(x)
-    out.append([jax.tree_util.keystr(path), list(x.shape), str(np.dtype(x.dtype))])
-  return out
-
-
-def _flat(tree) -> dict[str, Any]:
-  """``{"0": leaf, ...}``; orbax refuses empty items, so () gets a marker."""
-  flat = {str(i): x for i, x in enumerate(jax.tree_util.tree_leaves(tree))}
-  return flat or {"empty": np.zeros((), np.int8)}
-
-
-def _abstract_leaf(x):
-  sharding = getattr(x, "sharding", None)
-  if sharding is None:
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-
-
-def _abstract_flat(tree) -> dict[str, Any]:
-  return _flat(jax.tree.map(_abstract_leaf, tree))
-
-
 def _options(max_to_keep: Optional[int], read_only: bool):
   # save_interval_steps=0 is what orbax sets for a read-only manager anyway;
   # giving it here spares the warning it logs when it has to change it.
@@ -102,32 +100,13 @@ def _options(max_to_keep: Optional[int], read_only: bool):
       enable_async_checkpointing=False)
 
 
-class _DropReadOnlyNotice(logging.Filter):
-  """Drops orbax's "Given directory is read only" line: restoring is
-  read-only by design here, so the notice is noise on every restore."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return "is read only" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _quiet_read_only():
-  logger = logging.getLogger("absl")
-  notice_filter = _DropReadOnlyNotice()
-  logger.addFilter(notice_filter)
-  try:
-    yield
-  finally:
-    logger.removeFilter(notice_filter)
-
-
 def _manager(directory, max_to_keep=None, read_only=False):
   ocp = _orbax()
   directory = os.path.abspath(os.fspath(directory))
   if read_only and not os.path.isdir(directory):
     raise CheckpointError(
         f"no complete checkpoint in {directory}: it does not exist.")
-  with _quiet_read_only():
+  with _orbax_quiet.quiet():
     return ocp.CheckpointManager(
         directory, options=_options(max_to_keep, read_only),
         item_names=("params", "opt_state", "meta"))
@@ -138,10 +117,11 @@ def all_steps(directory, *, verify: bool = False) -> list[int]:
 
   Args:
     directory: the checkpoint directory.
-    verify: also read every step in full (one at a time, on one device) and
-      leave out the ones that cannot be read, e.g. files damaged after the
-      save. Costs a full read per step; without it a damaged step is listed
-      until :func:`restore_checkpoint` meets it.
+    verify: also read every step in full (one at a time, on one device),
+      check its checksums, and leave out the ones that cannot be read or
+      fail them, e.g. files damaged after the save. Costs a full read per
+      step; without it a damaged step is listed until
+      :func:`restore_checkpoint` meets it.
 
   Returns:
     A sorted list of ints (temporary directories of unfinished saves are
@@ -154,7 +134,7 @@ def all_steps(directory, *, verify: bool = False) -> list[int]:
   """
   if not os.path.isdir(os.fspath(directory)):
     return []
-  with _manager(directory, read_only=True) as manager:
+  with _manager(directory, read_only=True) as manager, _orbax_quiet.quiet():
     steps = sorted(manager.all_steps())
     if not verify:
       return steps
@@ -169,24 +149,32 @@ def all_steps(directory, *, verify: bool = False) -> list[int]:
 
 
 def save_checkpoint(directory, step: int, params, opt_state, *,
-                    max_to_keep: Optional[int] = 3) -> str:
+                    max_to_keep: Optional[int] = 3,
+                    supersede: bool = False) -> str:
   """Saves ``params`` and ``opt_state`` as step ``step``, atomically.
 
   Every process of a multi-host run must call it with its (global) arrays;
-  each writes its own shards. Returns when the checkpoint is complete.
+  each writes its own shards. Returns when the checkpoint is complete. The
+  first save takes the directory for this process (see the module notes):
+  another process cannot save there until this one exits.
 
   Args:
     directory: checkpoint directory (created if needed).
-    step: the training step, an int >= 0 not saved before.
-    params: parameter tree (sharded jax.Arrays or numpy arrays).
-    opt_state: optimizer state tree.
+    step: the training step, an int >= 0, above every saved step.
+    params: parameter tree (sharded jax.Arrays, numpy arrays, typed PRNG
+      keys, Python or NumPy scalars).
+    opt_state: optimizer state tree, likewise.
     max_to_keep: keep only this many newest steps (None: keep all).
+    supersede: if steps above ``step`` are saved (a run rolled back to an
+      older checkpoint), delete them first; without it that raises, since
+      orbax would silently not save.
 
   Returns:
     The path of the step's directory.
 
   Raises:
-    CheckpointError: if ``step`` is already saved.
+    CheckpointError: ``step`` is already saved; steps above it are saved
+      and ``supersede`` is False; another process writes to the directory.
 
   Example:
     >>> import tempfile, jax.numpy as jnp, hizoo_jax as hz
@@ -198,20 +186,44 @@ def save_checkpoint(directory, step: int, params, opt_state, *,
   if max_to_keep is not None and (
       not isinstance(max_to_keep, int) or max_to_keep < 1):
     raise ValueError(f"max_to_keep must be None or an int >= 1, got {max_to_keep!r}.")
-  meta = {"format": _FORMAT, "step": int(step), "params": _describe(params),
-          "opt_state": _describe(opt_state)}
+  step = int(step)
+  directory = os.path.abspath(os.fspath(directory))
+  os.makedirs(directory, exist_ok=True)
+  if jax.process_index() == 0:
+    try:
+      dirlock.hold(directory, LOCK_NAME, "saving checkpoints")
+    except dirlock.LockedError as e:
+      raise CheckpointError(f"cannot save step {step}: {e}") from None
+  flats = {"params": flat_tree(params), "opt_state": flat_tree(opt_state)}
+  meta = {"format": _FORMAT, "step": step, "params": describe(params),
+          "opt_state": describe(opt_state),
+          "checksums": {k: _checksum.checksums(list(v.values()))
+                        for k, v in flats.items()}}
+  meta["digest"] = _digest(meta)
   ocp = _orbax()
   with _manager(directory, max_to_keep) as manager:
-    if int(step) in manager.all_steps():
+    steps = sorted(manager.all_steps())
+    if step in steps:
       raise CheckpointError(
           f"step {step} is already saved in {directory}; delete it first or "
           "save under another step.")
-    manager.save(int(step), args=ocp.args.Composite(
-        params=ocp.args.StandardSave(_flat(params)),
-        opt_state=ocp.args.StandardSave(_flat(opt_state)),
+    later = [s for s in steps if s > step]
+    if later and not supersede:
+      raise CheckpointError(
+          f"cannot save step {step} in {directory}: steps {later} above it "
+          "are saved, and checkpoints only go forward. After rolling back, "
+          "pass supersede=True to delete those steps and save this one, or "
+          "save into another directory.")
+    for s in later:
+      manager.delete(s)
+    saved = manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(flats["params"]),
+        opt_state=ocp.args.StandardSave(flats["opt_state"]),
         meta=ocp.args.JsonSave(meta)))
     manager.wait_until_finished()
-    return os.path.join(os.path.abspath(os.fspath(directory)), str(int(step)))
+    if not saved:  # never silent: orbax declined to save.
+      raise CheckpointError(f"orbax did not save step {step} in {directory}.")
+    return os.path.join(directory, str(step))
 
 
 def _check_fits(stored: list, target: list, what: str, where: str) -> None:
@@ -239,23 +251,48 @@ def _read_meta(manager, directory, step: int) -> dict:
     raise _Unreadable(
         f"{where}: cannot read the checkpoint metadata (corrupt or not "
         f"written by hizoo_jax): {e}") from e
-  if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+  if not isinstance(meta, dict) or meta.get("format") not in _FORMATS:
     raise _Unreadable(f"{where} was not written by hizoo_jax.save_checkpoint.")
+  if meta["format"] != _FORMATS[0] and meta.get("digest") != _digest(meta):
+    raise _Unreadable(f"{where}: the checkpoint metadata fails its checksum "
+                      "(it changed after it was saved).")
   return meta
 
 
-def _read_arrays(manager, directory, step: int, params, opt_state) -> dict:
-  """``{"params": flat, "opt_state": flat}`` read onto abstract targets."""
+def _digest(meta: dict) -> str:
+  """SHA-256 of the metadata without its digest (canonical JSON)."""
+  body = {k: v for k, v in meta.items() if k != "digest"}
+  return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _read_arrays(manager, directory, step: int, meta: dict, params,
+                 opt_state) -> dict:
+  """``{"params": flat, "opt_state": flat}`` read onto abstract targets and
+  checked against the stored checksums (format 2)."""
   ocp = _orbax()
+  where = os.path.join(os.fspath(directory), str(step))
   try:
-    return manager.restore(step, args=ocp.args.Composite(
+    restored = manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(params),
         opt_state=ocp.args.StandardRestore(opt_state)))
   except Exception as e:  # orbax/tensorstore raise many kinds.
     raise _Unreadable(
-        f"{os.path.join(os.fspath(directory), str(step))}: the checkpoint "
-        "cannot be read (corrupt or incomplete files): "
-        f"{type(e).__name__}: {e}") from e
+        f"{where}: the checkpoint cannot be read (corrupt or incomplete "
+        f"files): {type(e).__name__}: {e}") from e
+  for name, expected in meta.get("checksums", {}).items():
+    flat = restored[name]
+    got = _checksum.checksums([flat[k] for k in sorted(flat, key=_order)])
+    bad = [i for i, (g, x) in enumerate(zip(got, expected)) if g != list(x)]
+    if bad or len(got) != len(expected):
+      paths = [meta[name][i][0] for i in bad if i < len(meta[name])]
+      raise _Unreadable(
+          f"{where}: {name} leaves {paths} fail their checksums (the data "
+          "changed after it was saved).")
+  return restored
+
+
+def _order(key: str) -> int:
+  return -1 if key == "empty" else int(key)
 
 
 def _read_as_saved(manager, directory, step: int) -> None:
@@ -264,12 +301,16 @@ def _read_as_saved(manager, directory, step: int) -> None:
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
   def abstract(described):
-    flat = {str(i): jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype),
-                                         sharding=device)
-            for i, (_, shape, dtype) in enumerate(described)}
-    return flat or _abstract_flat(())
+    flat = {}
+    for i, (_, shape, dtype) in enumerate(described):
+      if dtype.startswith("key<"):  # typed keys are stored as key data.
+        shape, dtype = list(shape) + [KEY_WORDS.get(dtype, 0)], "uint32"
+      flat[str(i)] = (np.zeros(shape, dtype) if host_only(dtype) else
+                      jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype),
+                                           sharding=device))
+    return flat or abstract_flat(())
 
-  _read_arrays(manager, directory, step, abstract(meta["params"]),
+  _read_arrays(manager, directory, step, meta, abstract(meta["params"]),
                abstract(meta["opt_state"]))
 
 
@@ -277,12 +318,10 @@ def _restore_step(manager, directory, step: int, params, opt_state) -> dict:
   """One step onto the targets: checks the metadata, then reads the arrays."""
   meta = _read_meta(manager, directory, step)
   where = os.path.join(os.fspath(directory), str(step))
-  _check_fits(meta["params"], _describe(params), "params", where)
-  _check_fits(meta["opt_state"], _describe(opt_state), "opt_state", where)
-  return _read_arrays(manager, directory, step, _abstract_flat(params),
-                      _abstract_flat(opt_state))
-
-
+  _check_fits(meta["params"], describe(params), "params", where)
+  _check_fits(meta["opt_state"], describe(opt_state), "opt_state", where)
+  return _read_arrays(manager, directory, step, meta, abstract_flat(params),
+                      abstract_flat(opt_state))
 def _restore_newest_readable(manager, directory, steps, params, opt_state):
   """(step, arrays) of the newest step that reads, warning for each skipped.
 
@@ -340,7 +379,7 @@ def restore_checkpoint(directory, params, opt_state, *,
     >>> hz.restore_checkpoint(d, {"w": jnp.zeros(2)}, ())[1]["w"].tolist()
     [1.0, 1.0]
   """
-  with _manager(directory, read_only=True) as manager:
+  with _manager(directory, read_only=True) as manager, _orbax_quiet.quiet():
     steps = sorted(manager.all_steps())
     if not steps:
       raise CheckpointError(f"no complete checkpoint in {directory}.")
@@ -361,5 +400,6 @@ def restore_checkpoint(directory, params, opt_state, *,
   for tree, name in ((params, "params"), (opt_state, "opt_state")):
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     flat = restored[name]
-    out.append(treedef.unflatten([flat[str(i)] for i in range(len(leaves))]))
+    out.append(treedef.unflatten(
+        [decode(x, flat[str(i)]) for i, x in enumerate(leaves)]))
   return int(step), out[0], out[1]

@@ -48,13 +48,15 @@ def nnx_value_fn(model, loss_fn: Callable, *args, wrt=None, **kwargs):
   """``value_fn(params_state)`` for an NNX model and ``loss_fn(model, ...)``.
 
   ``params_state`` is the pure ``nnx.State`` of the ``wrt`` variables (what
-  ``nnx.Optimizer.update`` passes to the transformation as params); the model
-  is rebuilt from it and the model's other state, then ``loss_fn(model,
-  *args, **kwargs)`` is returned. ``loss_fn`` may return per-example losses
-  (any shape, any float dtype): they are averaged in float32, so a bfloat16
-  model still resolves the small loss differences of a ZO step. Changes that ``loss_fn`` makes to the
-  rebuilt model (batch statistics, RNG counters) are discarded: evaluate in
-  a deterministic mode.
+  ``nnx.Optimizer.update`` passes to the transformation as params); each
+  call rebuilds a fresh copy of the model from it and from the model's other
+  state *as it is now*, then returns ``loss_fn(copy, *args, **kwargs)``.
+  So every evaluation sees the same batch statistics and the same RNG
+  counts (dropout draws the same masks at theta + mu z and theta - mu z),
+  and what ``loss_fn`` changes in the copy is discarded: ``model`` is never
+  modified. ``loss_fn`` may return per-example losses (any shape, any float
+  dtype): they are averaged in float32, so a bfloat16 model still resolves
+  the small loss differences of a ZO step.
 
   Args:
     model: an ``nnx.Module``.
@@ -78,20 +80,65 @@ def nnx_value_fn(model, loss_fn: Callable, *args, wrt=None, **kwargs):
   from flax import nnx  # pylint: disable=import-outside-toplevel
   wrt = nnx.Param if wrt is None else wrt
   graphdef, _, rest = nnx.split(model, wrt, ...)
+  # Pure arrays, not the model's Variable objects: nnx.merge would reuse
+  # those, and the loss's updates would then land in the model itself.
+  rest = nnx.as_pure(rest)
 
   def value_fn(params):
-    return _reduce_float32(
-        loss_fn(nnx.merge(graphdef, params, rest), *args, **kwargs))
+    copy = nnx.merge(graphdef, nnx.as_pure(params), rest)
+    return _reduce_float32(loss_fn(copy, *args, **kwargs))
 
   return value_fn
+
+
+def _updates_at_theta(model, wrt, loss_fn, *args, **kwargs):
+  """The non-``wrt`` state one evaluation of the loss at theta leaves, or
+  None if the loss changes nothing (checked by tracing it abstractly)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  graphdef, params, rest = nnx.split(model, wrt, ...)
+  params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+
+  def evaluate(params, rest):
+    copy = nnx.merge(graphdef, params, rest)
+    loss_fn(copy, *args, **kwargs)
+    new_rest = nnx.as_pure(nnx.split(copy, wrt, ...)[2])
+    changed = [a is not b for a, b in zip(jax.tree.leaves(new_rest),
+                                          jax.tree.leaves(rest))]
+    return new_rest, changed
+
+  changed = []
+
+  def probe(params, rest):
+    new_rest, flags = evaluate(params, rest)
+    changed.extend(flags)
+    return new_rest
+
+  jax.eval_shape(probe, params, rest)
+  if not any(changed):
+    return None
+  # Under jit, XLA drops the forward pass if only RNG counts are kept.
+  return evaluate(params, rest)[0]
 
 
 def nnx_zo_step(optimizer, model, loss_fn: Callable, *args, **kwargs):
   """One zeroth-order step of an ``nnx.Optimizer`` on ``model`` in place.
 
-  Equivalent to ``optimizer.update(model, model, value_fn=...)``: the
-  ``grads`` slot is ignored by the estimators, so the model itself is passed
-  (nothing is differentiated). Works eagerly and under ``nnx.jit``.
+  Like ``optimizer.update(model, model, value_fn=...)`` (the ``grads`` slot
+  is ignored by the estimators, so nothing is differentiated), with the
+  model's other state handled once per step:
+
+  * every evaluation of the step (L(theta), L(theta +/- mu z)) runs on a
+    copy of the model with the state it had before the step, so dropout
+    draws the same masks in all of them and BatchNorm normalises with the
+    same statistics; what the loss changes in those copies is discarded;
+  * if the loss changes the model's state (BatchNorm running statistics,
+    RNG counts), those changes are then kept once, as one evaluation at
+    theta (the parameters before the step) makes them: the RNG streams move
+    on once per step, and running statistics are never taken at a perturbed
+    point. This costs one more forward pass when batch statistics are kept
+    (none under jit when only RNG counts change).
+
+  Works eagerly and under ``nnx.jit``.
 
   Args:
     optimizer: ``nnx.Optimizer(model, tx, wrt=...)`` with ``tx`` one of
@@ -124,7 +171,10 @@ def nnx_zo_step(optimizer, model, loss_fn: Callable, *args, **kwargs):
   """
   from flax import nnx  # pylint: disable=import-outside-toplevel
   value_fn = nnx_value_fn(model, loss_fn, *args, wrt=optimizer.wrt, **kwargs)
+  kept = _updates_at_theta(model, optimizer.wrt, loss_fn, *args, **kwargs)
   optimizer.update(model, model, value_fn=value_fn)
+  if kept is not None:
+    nnx.update(model, kept)
   return zo_state.find_state(nnx.as_pure(optimizer.opt_state))
 
 
@@ -135,6 +185,14 @@ def linen_zo_step(state, loss_fn: Callable, *args, **kwargs):
   transformation, so this does its work with ``value_fn``: it calls
   ``state.tx.update(None, state.opt_state, state.params, value_fn=...)``,
   applies the updates and increments ``state.step``.
+
+  A Linen loss is a pure function of ``(params, *args)``, so every
+  evaluation of the step sees the same model state and, if ``args`` holds a
+  dropout key (``rngs={"dropout": key}``), the same dropout masks: pass a
+  key folded with the step (``jax.random.fold_in(key, state.step)``) so
+  that steps differ. Updated batch statistics (``mutable=["batch_stats"]``)
+  cannot come back through the optimizer: compute them at theta yourself
+  (one ``apply_fn`` call with the step's batch) and store them in the state.
 
   Args:
     state: a ``flax.training.train_state.TrainState`` (or any dataclass with

@@ -32,6 +32,7 @@ A leaf may hold at most 2**32 elements (the index is 32 bits).
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from typing import Callable, NamedTuple, Optional
 
@@ -77,9 +78,24 @@ def path_hash(path) -> int:
 
 
 def key_words(key) -> jax.Array:
-  """Raw uint32 words of a PRNG key given as an int, a typed key or key data."""
-  if isinstance(key, (int, np.integer)):
-    return jax.random.key_data(jax.random.key(key)).astype(jnp.uint32)
+  """Raw uint32 words of a PRNG key given as an int, a typed key or key data.
+
+  An int seed in ``[-2**31, 2**32)`` gives the words of
+  ``jax.random.key(seed)``. Any other Python int (``jax.random.key`` would
+  drop its high bits, so ``2**32 + 5`` would alias 5, or overflow) is hashed
+  over its full width (BLAKE2b of its bytes) into two words whose first is
+  never 0, so it differs from every smaller seed and from every other large
+  one (up to a 2**-63 collision chance).
+  """
+  if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+    key = int(key)
+    if -2**31 <= key < 2**32:
+      return jax.random.key_data(jax.random.key(key)).astype(jnp.uint32)
+    width = (key.bit_length() + 8) // 8  # room for the sign bit.
+    digest = hashlib.blake2b(key.to_bytes(width, "little", signed=True),
+                             digest_size=8, person=b"hizoo_jax.seed").digest()
+    high, low = np.frombuffer(digest, "<u4")
+    return jnp.asarray([high or 1, low], jnp.uint32)
   key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     return jax.random.key_data(key).astype(jnp.uint32).reshape(-1)

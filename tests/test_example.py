@@ -12,7 +12,6 @@ import os
 import shutil
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -24,73 +23,14 @@ EXAMPLES = os.path.join(ROOT, "examples")
 SST2 = os.path.join(ROOT, "..", "shared", "data", "SST-2")
 sys.path.insert(0, EXAMPLES)
 finetune = pytest.importorskip("finetune")
-
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "it", "was", "great",
-         "terrible", ".", "a", "the", "movie", "film", "very", "not", "good",
-         "bad", "fun", "boring", "awful", "lovely", "plot", "and"]
-POS = ["a very good movie", "lovely and fun", "the film was great",
-       "good plot", "a lovely film", "great fun", "very good and fun"]
-NEG = ["a very bad movie", "boring and awful", "the film was terrible",
-       "bad plot", "an awful film", "not fun", "very boring and bad"]
-
-
-def _write_tsv(path, rows):
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("sentence\tlabel\n")
-    for text, label in rows:
-      f.write(f"{text}\t{label}\n")
-
-
-def _random_params(model):
-  """Weights drawn as BERT and GPT-2 initialise them (normal, std 0.02;
-  LayerNorm scale 1, biases 0) from the shapes alone: compiling the model's
-  init_weights took about 3 s per tiny model."""
-  shapes = jax.eval_shape(lambda key: model.init_weights(key, (1, 8)),
-                          jax.random.key(0))
-  rng = np.random.default_rng(0)
-
-  def leaf(path, shape):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['scale']"):
-      return np.ones(shape.shape, shape.dtype)
-    if name.endswith("['bias']"):
-      return np.zeros(shape.shape, shape.dtype)
-    return (0.02 * rng.standard_normal(shape.shape)).astype(shape.dtype)
-
-  return jax.tree_util.tree_map_with_path(leaf, shapes)
+import example_assets  # pylint: disable=wrong-import-position
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
   """Tiny models (embed, mlm, causal) sharing a WordPiece vocab + data."""
   root = tmp_path_factory.mktemp("assets")
-  vocab = root / "vocab.txt"
-  vocab.write_text("\n".join(WORDS) + "\n")
-  tok = transformers.BertTokenizerFast(str(vocab))
-  transformers.logging.set_verbosity_error()
-  bert = transformers.BertConfig(
-      vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=1,
-      num_attention_heads=2, intermediate_size=64,
-      max_position_embeddings=64)
-  gpt = transformers.GPT2Config(vocab_size=len(WORDS), n_embd=32, n_layer=1,
-                                n_head=2, n_positions=64)
-  models = {}
-  for name, cls, config in [
-      ("embed", transformers.FlaxBertModel, bert),
-      ("mlm", transformers.FlaxBertForMaskedLM, bert),
-      ("causal", transformers.FlaxGPT2LMHeadModel, gpt)]:
-    folder = root / name
-    model = cls(config, _do_init=False)
-    model.save_pretrained(folder, params=_random_params(model))
-    tok.save_pretrained(folder)
-    models[name] = str(folder)
-  data = root / "data"
-  data.mkdir()
-  rows = [(t, 1) for t in POS] + [(t, 0) for t in NEG]
-  _write_tsv(data / "train.tsv", rows * 3)
-  _write_tsv(data / "dev.tsv", rows)
-  _write_tsv(data / "test.tsv", rows)
-  return {"models": models, "data": str(data), "root": root}
+  return dict(example_assets.tiny_assets(root), root=root)
 
 
 def _run(assets, tmp_path, *flags, model="embed", steps=3):
@@ -172,7 +112,7 @@ def test_hizoo_resume_and_corrupt_checkpoint(assets, base_run, tmp_path):
   with pytest.warns(RuntimeWarning, match="step 4"):
     second = finetune.main(_base_argv(assets, "--output", str(out),
                                       "--resume", steps=6))
-  assert (out / "checkpoints-unreadable" / "4").is_dir()  # kept, not deleted
+  assert (out / "checkpoints-set-aside" / "4").is_dir()  # kept, not deleted
   assert second["eval_steps"] == [0, 2, 4, 6]
   assert second["zero_shot_accuracy"] == first["zero_shot_accuracy"]
   # Steps 3 and 4 were run again from step 2's checkpoint: the same losses.
@@ -185,6 +125,143 @@ def test_hizoo_resume_and_corrupt_checkpoint(assets, base_run, tmp_path):
   with pytest.raises(SystemExit, match="no readable checkpoint"):
     finetune.main(_base_argv(assets, "--output", str(out), "--resume",
                              steps=8))
+
+
+class _Killed(BaseException):
+  """Stands for SIGKILL: nothing after the raising point runs."""
+
+
+def _kill_at(monkeypatch, target, name, when):
+  """Makes ``target.name(*args)`` raise _Killed when ``when(*args)``."""
+  original = getattr(target, name)
+
+  def wrapper(*args, **kwargs):
+    if when(*args):
+      raise _Killed()
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(target, name, wrapper)
+
+
+def _history_files(out):
+  return sorted(p.name for p in (out / "checkpoints").iterdir()
+                if p.is_file() and "history" in p.name)
+
+
+def test_kill_between_checkpoint_and_history_resumes_a_whole_history(
+    assets, base_run, tmp_path, monkeypatch, capsys):
+  """Issue 26 #5 and #17: killed after step 4's checkpoint but before its
+  history, --resume goes back to step 2 (the newest whole history), repeats
+  the same steps, and keeps one history file."""
+  out = tmp_path / "run"
+  _kill_at(monkeypatch, finetune._loop._history, "write",  # pylint: disable=protected-access
+           lambda directory, step, history: step == 4)
+  with pytest.raises(_Killed):
+    finetune.main(_base_argv(assets, "--output", str(out), steps=6))
+  monkeypatch.undo()
+  assert finetune._loop.hz.all_steps(out / "checkpoints") == [2, 4]  # pylint: disable=protected-access
+  resumed = finetune.main(_base_argv(assets, "--output", str(out), "--resume",
+                                     steps=6))
+  assert "step 4 has no recorded history" in capsys.readouterr().out
+  assert (out / "checkpoints-set-aside" / "4").is_dir()
+  assert resumed["train_steps"] == [1, 2, 3, 4, 5, 6]
+  assert resumed["eval_steps"] == [0, 2, 4, 6]
+  np.testing.assert_allclose(resumed["train_loss"][:4],
+                             base_run[1]["train_loss"], rtol=1e-6)
+  assert _history_files(out) == ["history.json"]
+  with open(out / "checkpoints" / "history.json") as f:
+    recorded = json.load(f)
+  assert recorded["step"] == 6 and recorded["train_steps"] == [1, 2, 3, 4, 5, 6]
+  # A damaged history file: the error names it, nothing is changed.
+  path = out / "checkpoints" / "history.json"
+  path.write_text(path.read_text()[:40])
+  before = _listing(out)
+  with pytest.raises(SystemExit, match=str(path)):
+    finetune.main(_base_argv(assets, "--output", str(out), "--resume",
+                             steps=8))
+  assert _listing(out) == before
+
+
+def test_one_history_file_trimmed_to_the_restored_checkpoint(
+    assets, base_run, tmp_path):
+  """The newest checkpoint unreadable: the history is trimmed to the step
+  restored, and the run goes on with one history file."""
+  out = _copy_run(base_run, tmp_path / "run")
+  assert _history_files(out) == ["history.json"]
+  for path in (out / "checkpoints" / "4").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"garbage")
+  with pytest.warns(RuntimeWarning, match="step 4"):
+    resumed = finetune.main(_base_argv(assets, "--output", str(out),
+                                       "--resume", steps=5))
+  assert resumed["train_steps"] == [1, 2, 3, 4, 5]
+  assert resumed["eval_steps"] == [0, 2, 4, 5]
+  assert _history_files(out) == ["history.json"]
+
+
+def test_run_stopped_before_its_first_checkpoint_is_rerun(
+    assets, tmp_path, monkeypatch, capsys):
+  """Issue 26 #16: neither a plain rerun nor --resume dead-ends."""
+  for rerun in ((), ("--resume",)):
+    out = tmp_path / f"run{len(rerun)}"
+    _kill_at(monkeypatch, finetune._loop, "save", lambda *args: True)  # pylint: disable=protected-access
+    with pytest.raises(_Killed):
+      finetune.main(_base_argv(assets, "--output", str(out)))
+    monkeypatch.undo()
+    assert (out / "config.json").is_file()
+    capsys.readouterr()
+    metrics = finetune.main(_base_argv(assets, "--output", str(out), *rerun))
+    said = capsys.readouterr().out
+    assert ("no checkpoint" in said) if rerun else ("reusing" in said), said
+    assert metrics["train_steps"] == [1, 2]
+    assert finetune._loop.hz.all_steps(out / "checkpoints") == [2]  # pylint: disable=protected-access
+
+
+def test_a_broken_sibling_run_is_not_compared(assets, base_run, tmp_path,
+                                              monkeypatch):
+  """Issue 26 #6: a truncated metrics.json beside the run is skipped with a
+  warning naming it; the run completes."""
+  monkeypatch.chdir(tmp_path)
+  sibling = _copy_run(base_run, tmp_path / "runs" / "finetune" / "old-mezo")
+  text = (sibling / "metrics.json").read_text()
+  (sibling / "metrics.json").write_text(text.replace('"hizoo"', '"mezo"')[:200])
+  with pytest.warns(RuntimeWarning, match=r"old-mezo/metrics\.json"):
+    metrics = finetune.main(_base_argv(assets))
+  assert metrics["steps"] == 2
+  # Named explicitly, it is an error before anything runs.
+  with pytest.raises(SystemExit):
+    finetune.parse_args(_base_argv(assets, "--compare", str(sibling)))
+
+
+_HOLDER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import _runs
+_runs.claim(sys.argv[2])
+print("HELD", flush=True)
+time.sleep(120)
+"""
+
+
+def test_two_runs_cannot_share_an_output(assets, tmp_path, capsys):
+  """Issue 26 #4: a second run on a folder another live run uses is refused
+  before it writes anything (and before the 'already holds a run' check)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "shared"
+  holder = subprocess.Popen([sys.executable, "-c", _HOLDER, EXAMPLES,
+                             str(out)], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "HELD"
+    with pytest.raises(SystemExit):
+      finetune.main(_base_argv(assets, "--output", str(out)))
+    err = capsys.readouterr().err
+    assert f"pid {holder.pid}" in err and "one writer per directory" in err
+    assert os.listdir(out) == [finetune._runs.LOCK]  # pylint: disable=protected-access
+  finally:
+    holder.kill()
+    holder.wait()
+  metrics = finetune.main(_base_argv(assets, "--output", str(out)))
+  assert metrics["steps"] == 2
 
 
 def test_second_run_never_overwrites_a_run(assets, base_run, tmp_path,
@@ -212,7 +289,8 @@ def test_default_output_is_a_new_folder_per_run(assets, tmp_path, monkeypatch):
   assert first != second
   for path in (first, second):
     assert os.path.dirname(path) == os.path.join("runs", "finetune")
-    assert os.path.isdir(path) and not os.listdir(path)
+    # Claimed for this process (the lock file), nothing else written yet.
+    assert os.path.isdir(path) and os.listdir(path) == [finetune._runs.LOCK]  # pylint: disable=protected-access
 
 
 def test_resume_refuses_other_trajectory_flags(assets, base_run, capsys):
@@ -368,9 +446,13 @@ def test_readme_states_measured_times():
 def test_bad_inputs_exit_with_clear_errors(assets, tmp_path, capsys):
   base = ["--output", str(tmp_path / "o"), "--no-progress", "--steps", "1",
           "--k", "4"]
+  negative = tmp_path / "negative"
+  shutil.copytree(assets["data"], negative)
+  example_assets.write_tsv(negative / "test.tsv", [("a lovely film", 1), ("bad plot", -1)])
   cases = [
+      (["--data-dir", str(negative), "--model", assets["models"]["embed"]],
+       "test.tsv:3: label -1 is not a class"),
       (["--optimizer", "adam", "--objective", "accuracy"], "not differentiable"),
-      (["--resume"], "no checkpoints"),
       (["--resume", "--overwrite"], "pass one of them"),
       (["--compare", str(tmp_path / "nowhere")], "no metrics.json"),
       (["--data-dir", str(tmp_path / "missing"),
@@ -420,6 +502,17 @@ def test_k_shot_sampling_and_tsv_errors(tmp_path):
   bad = tmp_path / "train.tsv"
   bad.write_text("sentence\tlabel\nfine\t1\nbroken\tpositive\n")
   with pytest.raises(ValueError, match="train.tsv:3"):
+    _data.read_tsv(str(bad))
+  # Labels outside the classes name the file and line (issue 26 #13).
+  bad.write_text("sentence\tlabel\nfine\t1\nnegative\t-1\n")
+  with pytest.raises(ValueError, match=r"train.tsv:3: label -1 is not a class"):
+    _data.read_tsv(str(bad))
+  bad.write_text("sentence\tlabel\nfine\t1\nthird\t2\n")
+  assert _data.read_tsv(str(bad)).labels.tolist() == [1, 2]
+  with pytest.raises(ValueError, match=r"train.tsv:3: label 2.*< 2"):
+    _data.read_tsv(str(bad), num_classes=2)
+  bad.write_bytes("sentence\tlabel\ncaf\u00e9\t1\n".encode("latin-1"))
+  with pytest.raises(ValueError, match=r"train.tsv is not UTF-8"):
     _data.read_tsv(str(bad))
   with pytest.raises(FileNotFoundError, match="test.tsv"):
     _data.load_tsv_dir(str(tmp_path))

@@ -70,6 +70,113 @@ def test_nnx_step_leaves_other_variables_alone():
   np.testing.assert_array_equal(model.offset[...], jnp.full((1,), 0.3))
 
 
+class _NoisyNet(nnx.Module):
+  """Linear -> BatchNorm (train mode) -> ReLU -> Dropout(0.5) -> Linear."""
+
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(4, 16, rngs=rngs)
+    self.bn = nnx.BatchNorm(16, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.l2 = nnx.Linear(16, 1, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(self.drop(jax.nn.relu(self.bn(self.l1(x)))))
+
+
+def _noisy_data():
+  x = jax.random.normal(jax.random.key(1), (32, 4))
+  return x, jnp.sum(x, 1, keepdims=True)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_nnx_step_evaluates_with_one_state_and_keeps_updates_once(jit):
+  """Dropout masks and batch statistics are those of the model before the
+  step in every evaluation; the loss's updates are kept once, at theta."""
+  x, y = _noisy_data()
+  model = _NoisyNet(nnx.Rngs(0))
+  mu = 1e-2
+  optimizer = nnx.Optimizer(model, hz.mezo(1e-3, mu=mu), wrt=nnx.Param)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+  z = hz.step_noise(nnx.as_pure(optimizer.opt_state), params)
+
+  def loss_at(p):  # a fresh copy with the state before the step
+    copy = nnx.merge(graphdef, p, rest)
+    return float(_mse(copy, x, y)), copy
+
+  plus, _ = loss_at(jax.tree.map(lambda a, b: a + mu * b, params, z))
+  minus, _ = loss_at(jax.tree.map(lambda a, b: a - mu * b, params, z))
+  _, at_theta = loss_at(params)
+  step = flax_utils.nnx_zo_step
+  if jit:
+    step = nnx.jit(lambda o, m, x, y: flax_utils.nnx_zo_step(o, m, _mse, x, y))
+    zo = step(optimizer, model, x, y)
+  else:
+    zo = step(optimizer, model, _mse, x, y)
+  # One dropout mask, one set of statistics: the MeZO difference quotient
+  # of one function (different masks gave 1e2-1e4 times the true value).
+  np.testing.assert_allclose(float(zo.projected_grad), (plus - minus) / (2 * mu),
+                             rtol=2e-3)
+  # BatchNorm statistics and the RNG count moved once, as at theta.
+  np.testing.assert_allclose(model.bn.mean[...], at_theta.bn.mean[...],
+                             rtol=1e-6)
+  np.testing.assert_allclose(model.bn.var[...], at_theta.bn.var[...],
+                             rtol=1e-6)
+  counts = jax.tree.leaves(nnx.state(model, nnx.RngCount))
+  assert [int(c) for c in counts] == [
+      int(c) for c in jax.tree.leaves(nnx.state(at_theta, nnx.RngCount))]
+  assert [int(c) for c in counts] == [1]
+
+
+def test_nnx_dropout_projected_grad_is_of_the_deterministic_order():
+  x, y = _noisy_data()
+  grads = {}
+  for deterministic in (False, True):
+    model = _NoisyNet(nnx.Rngs(0))
+    model.drop.deterministic = deterministic
+    optimizer = nnx.Optimizer(model, hz.hizoo(1e-3, mu=1e-3), wrt=nnx.Param)
+    grads[deterministic] = [
+        float(flax_utils.nnx_zo_step(optimizer, model, _mse, x, y)
+              .projected_grad) for _ in range(3)]
+  ratio = np.abs(grads[False]) / np.abs(grads[True])
+  assert np.all(ratio < 10), grads
+
+
+def test_linen_step_evaluates_with_one_dropout_key():
+  """Linen losses are pure: a dropout key passed in draws the same mask in
+  every evaluation of the step."""
+  nn = pytest.importorskip("flax.linen")
+  from flax.training.train_state import TrainState
+
+  class Net(nn.Module):
+
+    @nn.compact
+    def __call__(self, x, train):
+      x = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(16)(x)))
+      return nn.Dense(1)(x)
+
+  x, y = _noisy_data()
+  net = Net()
+  mu = 1e-2
+  state = TrainState.create(
+      apply_fn=net.apply, params=net.init(jax.random.key(0), x, False),
+      tx=hz.mezo(1e-3, mu=mu))
+
+  def loss(params, x, y, key):
+    out = net.apply(params, x, True, rngs={"dropout": key})
+    return jnp.mean((out - y) ** 2)
+
+  key = jax.random.fold_in(jax.random.key(5), 0)  # fold in the step
+  z = hz.step_noise(state.opt_state, state.params)
+  plus = loss(jax.tree.map(lambda a, b: a + mu * b, state.params, z), x, y, key)
+  minus = loss(jax.tree.map(lambda a, b: a - mu * b, state.params, z), x, y,
+               key)
+  _, zo = jax.jit(flax_utils.linen_zo_step, static_argnums=1)(
+      state, loss, x, y, key)
+  np.testing.assert_allclose(float(zo.projected_grad),
+                             float(plus - minus) / (2 * mu), rtol=2e-3)
+
+
 def test_linen_train_state_converges():
   nn = pytest.importorskip("flax.linen")
   from flax.training.train_state import TrainState
