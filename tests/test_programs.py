@@ -154,3 +154,24 @@ def test_new_estimator_from_core_pieces(lean):
                                z[name], rtol=2e-2, atol=1e-4)
   trained, state = run(tx, lean, steps=60)
   assert float(loss(trained)) < 0.9 * float(loss(params))
+
+
+@pytest.mark.parametrize("saved, restored", [("compact", "plain"),
+                                             ("plain", "compact")])
+def test_checkpoint_restores_into_the_other_program(tmp_path, saved,
+                                                    restored):
+  params = make_params()
+  tx_saved = hz.hizoo(0.05, mu=MU, program=saved)
+  params, state = run(tx_saved, lean=False, steps=2)
+  hz.save_checkpoint(str(tmp_path), 2, params, state)
+  tx = hz.hizoo(0.05, mu=MU, program=restored)
+  step, p, s = hz.restore_checkpoint(str(tmp_path), make_params(),
+                                     tx.init(make_params()))
+  assert step == 2
+  assert (s[0].leaf_numbers is None) == (restored == "plain")
+  for a, b in zip(jax.tree.leaves(s[0].hessian), jax.tree.leaves(
+      state[0].hessian)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(p["w"], params["w"])
+  updates, _ = tx.update(None, s, p, value_fn=loss)  # and it steps on
+  assert np.all(np.isfinite(updates["w"]))
