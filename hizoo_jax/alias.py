@@ -64,7 +64,8 @@ def _guarded(value, name):
 
 def _tail(learning_rate, weight_decay, weight_decay_mask, mask):
   return (
-      optax.add_decayed_weights(
+      # Adds nothing on a skipped step (the estimator's zeros stay zeros).
+      skipping.add_decayed_weights(
           _guarded(weight_decay, "weight_decay"),
           mask=_decay_mask(weight_decay_mask, mask)),
       # Same state as scale_by_learning_rate; warns if bf16 steps round away.
@@ -149,7 +150,7 @@ def hizoo(
           hessian_dtype=jnp.float32 if hessian_dtype is None else hessian_dtype,
           stacked=stacked, program=program),
       *_tail(learning_rate, weight_decay, weight_decay_mask, mask),
-  )
+      honours_skip=True)
 
 
 def hizoo_l(
@@ -234,7 +235,7 @@ def mezo(
           mu, num_queries=1 if num_queries is None else num_queries,
           mask=mask, key=key, program=program),
       *_tail(learning_rate, weight_decay, weight_decay_mask, mask),
-  )
+      honours_skip=True)
 
 
 def fzoo(
@@ -289,4 +290,4 @@ def fzoo(
           eps, num_probes=8 if num_probes is None else num_probes,
           noise=noise, normalize=normalize, mask=mask, key=key),
       *_tail(learning_rate, weight_decay, weight_decay_mask, mask),
-  )
+      honours_skip=True)

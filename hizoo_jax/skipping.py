@@ -16,19 +16,26 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hizoo_jax import _checks
 from hizoo_jax import zo_state
 
 
-def chain(estimator, *downstream) -> optax.GradientTransformationExtraArgs:
+def chain(estimator, *downstream, honours_skip: bool = False
+          ) -> optax.GradientTransformationExtraArgs:
   """``optax.chain(estimator, *downstream)``, frozen on skipped steps.
 
   The state is laid out as ``optax.chain``'s: a tuple of the estimator's
-  state and each downstream transformation's.
+  state and each downstream transformation's. The downstream
+  transformations also receive ``zo_ok`` (a bool scalar, False on a skipped
+  step) among the extra args.
 
   Args:
     estimator: a zeroth-order estimator (:func:`hizoo_jax.scale_by_hizoo`,
       :func:`hizoo_jax.scale_by_mezo`, ...).
     *downstream: optax transformations applied to its output.
+    honours_skip: the downstream transformations move nothing themselves
+      when ``zo_ok`` is False (as :func:`scale_by_learning_rate` does): no
+      select per leaf is added (the aliases' tail).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -51,11 +58,13 @@ def chain(estimator, *downstream) -> optax.GradientTransformationExtraArgs:
   def update_fn(updates, state, params=None, **extra_args):
     updates, est_state = estimator.update(updates, state[0], params,
                                           **extra_args)
-    extra = {k: v for k, v in extra_args.items() if k != "value_fn"}
-    new_updates, tail_state = tail.update(updates, tuple(state[1:]), params,
-                                          **extra)
     ok = (zo_state.find_state(est_state).skipped
           == zo_state.find_state(state[0]).skipped)
+    extra = {k: v for k, v in extra_args.items() if k != "value_fn"}
+    new_updates, tail_state = tail.update(updates, tuple(state[1:]), params,
+                                          zo_ok=ok, **extra)
+    if honours_skip:
+      return new_updates, (est_state,) + tuple(tail_state)
     new_updates = jax.tree.map(
         lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_updates)
     tail_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o).astype(o.dtype),
@@ -63,3 +72,34 @@ def chain(estimator, *downstream) -> optax.GradientTransformationExtraArgs:
     return new_updates, (est_state,) + tuple(tail_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+
+
+def add_decayed_weights(weight_decay, mask=None
+                        ) -> optax.GradientTransformationExtraArgs:
+  """``optax.add_decayed_weights`` that adds nothing where ``zo_ok`` (from
+  :func:`chain`) is False.
+
+  A skipped estimator already returns zeros, so with this and a learning
+  rate after it a skipped step moves nothing, for the price of one scalar
+  (nothing at all for a weight decay of 0). Same state as optax's.
+  """
+  inner = optax.add_decayed_weights(weight_decay, mask)
+  if isinstance(weight_decay, (int, float)) and weight_decay == 0.0:
+    return optax.with_extra_args_support(inner)
+
+  def update_fn(updates, state, params=None, *, zo_ok=True, **extra_args):
+    del extra_args
+    _, new_state = inner.update(updates, state, params)  # its count
+    count = jax.tree.leaves(state)[0] if callable(weight_decay) else 0
+    rate = weight_decay(count) if callable(weight_decay) else weight_decay
+    rate = jnp.where(zo_ok, rate, 0.0)
+    flags = jax.tree.map(lambda _: True, params) if mask is None else (
+        _checks.full_mask(mask, params))
+    out = jax.tree.map(
+        lambda g, p, keep: g + (rate * p).astype(g.dtype) if keep else g,
+        updates, params, flags)
+    return out, new_state
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
