@@ -222,9 +222,11 @@ def stochastic_rounding(inner) -> optax.GradientTransformationExtraArgs:
     # estimator saw these params and checked that its numbers fit them.)
     leaves = [x for _, x in paths_leaves]
     low = [is_low_precision(x) for x in leaves]
+    numbers = getattr(zo, "leaf_numbers", None)  # None: the plain program
+    numbers = ([zero + jnp.uint32(i) for i in range(len(leaves))]
+               if numbers is None else treedef.flatten_up_to(numbers))
     uniform = leaf_draws.leaf_draws(
-        seeds[None], treedef.flatten_up_to(zo.leaf_numbers), leaves, low,
-        zero, sample=_uniform).at(0)
+        seeds[None], numbers, leaves, low, zero, sample=_uniform).at(0)
     out = []
     for i, (x, u) in enumerate(zip(leaves, treedef.flatten_up_to(
         inner_updates))):

@@ -57,19 +57,21 @@ def test_plain_bf16_does_not_learn_and_warns_once():
 
 
 def test_lean_step_reports_the_rounding_of_its_update_only(monkeypatch):
-  """make_train_step computes the update on every phase of its loop and keeps
-  the last; only that phase's counts may reach the warning."""
+  """make_train_step computes a bf16 model's update once, after its loop
+  (the points are computed afresh, hizoo_jax.train_step._walk): one report
+  a step, of that update. (mu above half the bf16 spacing, 2**-8: below
+  it the exact points round back to theta and g = 0.)"""
   reports = []
   monkeypatch.setattr(precision, "_report_rounding",
                       lambda *args: reports.append([int(a) for a in args]))
-  tx = hz.mezo(2e-3, mask=MASK)
+  tx = hz.mezo(2e-3, mu=1e-2, mask=MASK)
   step = hz.make_train_step(tx, lambda p, batch: loss(p), donate=False)
   params, state = start(), tx.init(start())
   for _ in range(2):
     params, state, _ = step(params, state, None)
   jax.effects_barrier()
   final = [r[:2] for r in reports if r[2]]
-  assert len(final) == 2 and len(reports) == 2 * 3  # 3 phases a step
+  assert len(final) == 2 and len(reports) == 2
   assert all(lost == moved == 32 for lost, moved in final), reports
 
 
@@ -130,13 +132,6 @@ def test_stochastic_rounding_moves_bf16_weights():
   assert float(loss(params)) < float(loss(start()))
 
 
-def test_master_weights_refuses_make_train_step():
-  tx = hz.master_weights(hz.mezo(1e-3, mask=MASK))
-  step = hz.make_train_step(tx, lambda p, batch: loss(p), donate=False)
-  with pytest.raises(ValueError, match="stochastic_rounding"):
-    step(start(), tx.init(start()), None)
-
-
 def test_a_bf16_loss_warns_and_flax_helpers_reduce_in_float32():
   nnx = pytest.importorskip("flax.nnx")
   x = jnp.linspace(-1.0, 1.0, 64).reshape(32, 2)
@@ -165,7 +160,8 @@ def test_rounding_check_stores_less_than_a_float32_copy(monkeypatch):
   """The alias's rounding check reads each bf16 update twice. Counted in one
   two-output reduction (XLA:CPU, one device) the step holds at most twice
   the bf16 parameters in temporaries (4.25x before: float32 copies of the
-  updates); what remains was not traced (docs/performance.md)."""
+  updates), plus the one bf16 copy that each exact point is written to
+  (hizoo_jax.train_step._walk); docs/performance.md."""
   from hizoo_jax import _xla
   monkeypatch.setattr(_xla, "single_device", lambda: True)
   params = {f"l{i}": (jnp.eye(256) * 0.5).astype(jnp.bfloat16)
@@ -180,7 +176,7 @@ def test_rounding_check_stores_less_than_a_float32_copy(monkeypatch):
   tx = hz.mezo(1e-6)
   step = hz.make_train_step(tx, loss)
   compiled = step.lower(params, tx.init(params), jnp.ones((8, 256))).compile()
-  assert compiled.memory_analysis().temp_size_in_bytes <= 2.1 * size
+  assert compiled.memory_analysis().temp_size_in_bytes <= 3.1 * size
 
 
 def test_rounding_check_counts_a_sample_of_fixed_size(monkeypatch):
