@@ -149,7 +149,8 @@ def hizoo_transform(config: Config) -> optax.GradientTransformationExtraArgs:
     hess = [_init_leaf(config, x, layer) if keep else None
             for x, keep, layer in zip(leaves.values, leaves.trainable, layers)]
     return new_state(noise.key_words(config.key),
-                     _to_state(rule, hess, leaves.treedef), rule.init_stats())
+                     _to_state(config, hess, leaves.treedef),
+                     rule.init_stats())
 
   def update_fn(updates, state, params=None, *, value_fn=None, **extra):
     del updates  # zeroth order: the incoming updates are not used.
@@ -182,7 +183,7 @@ def hizoo_transform(config: Config) -> optax.GradientTransformationExtraArgs:
     loss = jnp.where(probe, center, (jnp.mean(plus) + jnp.mean(minus)) / 2)
     return direction, stepped(
         state, finite, loss, plus, minus, g, curvature_stats=stats,
-        hessian=_to_state(rule, new_hess, leaves.treedef))
+        hessian=_to_state(config, new_hess, leaves.treedef))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -200,12 +201,16 @@ def _init_leaf(config: Config, x, layered: bool):
                           noise.explicit_sharding(x), layered)
 
 
-def _to_state(rule: rules.Rule, hess: list, treedef):
-  """The state's H from per-leaf values (see :class:`rules.Rule` layout)."""
+def _to_state(config: Config, hess: list, treedef):
+  """The state's H from per-leaf values (see :class:`rules.Rule` layout).
+
+  "factors": one tree per factor, as many as the granularity has even for
+  params without leaves (``optax.tree.map_params``'s placeholder).
+  """
   masked = optax.MaskedNode()
-  if rule.layout == "leaves":
+  if config.rule.layout == "leaves":
     return treedef.unflatten([masked if h is None else h for h in hess])
-  count = max((len(h) for h in hess if h is not None), default=1)
+  count = 2 if config.granularity == "factored" else 1
   return tuple(treedef.unflatten([masked if h is None else h[k] for h in hess])
                for k in range(count))
 

@@ -163,8 +163,11 @@ def update(hess: list, stats: GroupedStats, second: jax.Array,
       leaves, lambda z: jnp.square(z) - 1.0, i,
       shared_axes(f.shape, shapes[i]), factor=k)
           for i in live for k, f in enumerate(hess[i])}
-  norm_sq = dim + sum(jnp.sum(sums[i, 0].reshape(second.shape[0], -1), axis=1)
-                      for i in live)
+  # Summed over the factor's axes, not reshaped: on an Explicit mesh a
+  # reshape that merges a sharded axis is a type error.
+  norm_sq = dim + sum(
+      jnp.sum(sums[i, 0], axis=tuple(range(1, sums[i, 0].ndim)))
+      for i in live)
 
   b, v, t = stats
   lam = 2.0 * b / dim
