@@ -58,7 +58,7 @@ def test_plain_bf16_does_not_learn_and_warns_once():
 
 def test_lean_step_reports_the_rounding_of_its_update_only(monkeypatch):
   """make_train_step computes a bf16 model's update once, after its loop
-  (the points are computed afresh, hizoo_jax.train_step._walk): one report
+  (the points are computed afresh, hizoo_jax.scheme_walk.walk): one report
   a step, of that update. (mu above half the bf16 spacing, 2**-8: below
   it the exact points round back to theta and g = 0.)"""
   reports = []
@@ -161,7 +161,7 @@ def test_rounding_check_stores_less_than_a_float32_copy(monkeypatch):
   two-output reduction (XLA:CPU, one device) the step holds at most twice
   the bf16 parameters in temporaries (4.25x before: float32 copies of the
   updates), plus the one bf16 copy that each exact point is written to
-  (hizoo_jax.train_step._walk); docs/performance.md."""
+  (hizoo_jax.scheme_walk.walk); docs/performance.md."""
   from hizoo_jax import _xla
   monkeypatch.setattr(_xla, "single_device", lambda: True)
   params = {f"l{i}": (jnp.eye(256) * 0.5).astype(jnp.bfloat16)
