@@ -30,6 +30,7 @@ ZO = {
     "mezo": lambda: hz.mezo(1e-6, mu=1e-3),
     "hizoo": lambda: hz.hizoo(1e-6, mu=1e-3),
     "hizoo_l": lambda: hz.hizoo_l(1e-6, mu=1e-3),
+    "fzoo": lambda: hz.fzoo(1e-6, eps=1e-3),
 }
 
 # Forward passes and noise passes (one draw of z fused into a parameter-sized
@@ -53,7 +54,9 @@ def mode_fn(name: str, loss_fn):
   """``(jitted fn, make_state(params))`` for a mode name.
 
   Names: ``forward``, ``mezo``, ``hizoo``, ``hizoo_l`` (lean step),
-  ``<opt>_store`` (store_noise), ``<opt>_naive`` (plain tx.update under jit,
+  ``<opt>_store`` (store_noise), ``<opt>_master`` (``hz.master_weights``
+  around the optimizer, for bf16 parameters), ``<opt>_naive`` (plain
+  tx.update under jit,
   donated), ``<opt>_noise`` (one noise pass, params + mu s z, donated),
   ``backprop_adam`` (value_and_grad + Adam, donated).
   """
@@ -74,6 +77,9 @@ def mode_fn(name: str, loss_fn):
   tx = ZO[base]()
   if variant == "":
     return make_train_step(tx, loss_fn), tx.init
+  if variant == "master":
+    master = hz.master_weights(tx)
+    return make_train_step(master, loss_fn), master.init
   if variant == "store":
     return make_train_step(tx, loss_fn, store_noise=True), tx.init
   if variant == "naive":
