@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="tokens per example")
   g = p.add_argument_group("training")
   g.add_argument("--optimizer", default="hizoo",
-                 choices=["hizoo", "hizoo-l", "mezo", "adam"],
+                 choices=["hizoo", "hizoo-l", "mezo", "fzoo", "adam"],
                  help="adam is the backprop baseline")
   g.add_argument("--peft", default="lora", choices=["full", "lora"],
                  help="train LoRA adapters + head, or every parameter")
@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                  " use about 100x smaller rates for full than for LoRA), "
                  "1e-3 (LoRA) / 2e-5 (full) with adam")
   g.add_argument("--mu", type=float, default=1e-3,
-                 help="perturbation scale (ZO)")
+                 help="perturbation scale (ZO; FZOO's probe scale eps)")
+  g.add_argument("--num-probes", type=int, default=8,
+                 help="FZOO's one-sided probes per step (N + 1 passes)")
   g.add_argument("--hessian-smooth", type=float, default=None,
                  help="rate at which HiZOO's curvature moves (default: the "
                  "estimator's, 0.05 for signed, 1e-6 for paper/reference)")
@@ -203,14 +205,23 @@ def make_optimizer(args):
   """The optimizer the flags name: the one place its construction lives."""
   lr, key = args.lr, args.seed
   if args.optimizer == "hizoo":
-    return hz.hizoo(lr, args.mu, args.hessian_smooth, args.weight_decay, key,
+    tx = hz.hizoo(lr, args.mu, args.hessian_smooth, args.weight_decay, key,
+                  estimator=args.estimator)
+  elif args.optimizer == "hizoo-l":
+    tx = hz.hizoo_l(lr, args.mu, args.hessian_smooth, args.weight_decay, key,
                     estimator=args.estimator)
-  if args.optimizer == "hizoo-l":
-    return hz.hizoo_l(lr, args.mu, args.hessian_smooth, args.weight_decay, key,
-                      estimator=args.estimator)
+  if args.optimizer == "adam":
+    return optax.adamw(lr, weight_decay=args.weight_decay)
   if args.optimizer == "mezo":
-    return hz.mezo(lr, args.mu, args.weight_decay, key)
-  return optax.adamw(lr, weight_decay=args.weight_decay)
+    tx = hz.mezo(lr, args.mu, args.weight_decay, key)
+  elif args.optimizer == "fzoo":
+    tx = hz.fzoo(lr, args.mu, args.weight_decay, key,
+                 num_probes=args.num_probes)
+  if args.dtype == "bfloat16":
+    # float32 master copies of the bf16 weights; the lean step evaluates
+    # each point rounded once from them (docs/api.md, low precision).
+    tx = hz.master_weights(tx)
+  return tx
 
 
 def split_params(args, clf):
