@@ -1,10 +1,14 @@
-"""HiZOO, HiZOO-L and MeZO as Optax gradient transformations.
+"""HiZOO, HiZOO-L and MeZO: the public constructors, and the compact program.
 
-Each step evaluates the loss at theta and at ``theta +/- mu * s * z`` (z a
-fresh standard normal, never stored: see :mod:`hizoo_jax.noise`) and returns a
-gradient-like tree for downstream transformations; no backward pass is taken.
-MeZO uses ``s = 1``; HiZOO uses ``s = H^{-1/2}`` and updates the diagonal
-curvature estimate ``H`` kept in the state (:mod:`hizoo_jax.curvature`).
+:func:`scale_by_hizoo` and :func:`scale_by_mezo` check their options and
+build the estimator of the program :mod:`hizoo_jax.program` chooses: the
+plain one of :mod:`hizoo_jax.core.estimators` (the mathematics as written),
+or the compact one below (``_zo_estimator``), the same mathematics with the
+devices that shape its XLA:CPU program (shared kernels, small leaves drawn
+together, the curvature's sums in one loop, H as one vector, stored values).
+Each step evaluates the loss at theta and at ``theta +/- mu * s * z`` (z of
+mean 0 and variance 1, nearly normal, regenerated and never stored:
+:mod:`hizoo_jax.noise`); MeZO uses ``s = 1``, HiZOO ``s = H^{-1/2}``.
 """
 
 from __future__ import annotations
@@ -312,7 +316,8 @@ def scale_by_hizoo(
 ) -> optax.GradientTransformationExtraArgs:
   r"""HiZOO's Hessian-informed zeroth-order gradient estimate.
 
-  With ``s = H^{-1/2}`` elementwise and z ~ N(0, I) drawn from the state's key,
+  With ``s = H^{-1/2}`` elementwise and z (mean 0, variance 1, nearly normal)
+  drawn from the state's key,
   one step computes
 
   .. math::
@@ -325,9 +330,10 @@ def scale_by_hizoo(
   * ``estimator="signed"`` (default): H is shared within groups of
     coordinates (``curvature``), moved in log space by the signed, baselined
     estimate ``mean_G(z^2 - 1) (q - b sum(z^2) / d)`` and kept at mean 1
-    (:mod:`hizoo_jax.grouped_curvature`). On quadratics it learns diag(A)
-    per group within the first tenth of a 10 d-step run; on MiniLM it keeps
-    H at 1 (``docs/results.md``). The learning rate keeps MeZO's meaning.
+    (:mod:`hizoo_jax.core.signed_rule`). On quadratics with known curvature
+    it learns diag(A) per group (correlation 0.98-0.999); on MiniLM
+    fine-tuning H stays at 1 and HiZOO equals MeZO per forward pass
+    (``docs/results.md``). The learning rate keeps MeZO's meaning.
   * ``estimator="paper"``: Eq. 8-9 of the paper, ``h = q H (z^2 - 1)``,
     ``H <- H + alpha (|h| - H)`` per coordinate (``curvature="element"``) or
     as row/column means (``"factored"``).

@@ -130,7 +130,7 @@ def make_train_step(
     >>> import jax.numpy as jnp, hizoo_jax as hz
     >>> params = {"w": jnp.ones((2, 3))}
     >>> loss_fn = lambda p, x: jnp.mean((x @ p["w"]) ** 2)
-    >>> tx = hz.hizoo(learning_rate=1e-3, mu=1e-3, hessian_smooth=1e-6)
+    >>> tx = hz.hizoo(learning_rate=1e-3, mu=1e-3)
     >>> step = hz.make_train_step(tx, loss_fn)
     >>> params, state, metrics = step(params, tx.init(params), jnp.ones((4, 2)))
     >>> sorted(metrics)

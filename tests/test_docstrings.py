@@ -7,7 +7,8 @@ import pytest
 
 MODULES = ["hizoo_jax.estimator", "hizoo_jax.alias", "hizoo_jax.sharding",
            "hizoo_jax.checkpoint", "hizoo_jax.train_step",
-           "hizoo_jax.masking", "hizoo_jax.precision"]
+           "hizoo_jax.masking", "hizoo_jax.precision", "hizoo_jax.skipping",
+           "hizoo_jax.core.fzoo"]
 
 
 @pytest.mark.parametrize("name", MODULES)
