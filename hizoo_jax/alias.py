@@ -45,6 +45,12 @@ def _decay_mask(weight_decay_mask, trainable_mask):
   return mask_fn
 
 
+def _checked(value, name):
+  """``value``, checked if static (a schedule is checked at every step)."""
+  _checks.check_number(value, name)
+  return value
+
+
 def _guarded(value, name):
   """``value`` checked if static; a schedule's invalid values become 0.
 
@@ -66,7 +72,7 @@ def _tail(learning_rate, weight_decay, weight_decay_mask, mask):
   return (
       # Adds nothing on a skipped step (the estimator's zeros stay zeros).
       skipping.add_decayed_weights(
-          _guarded(weight_decay, "weight_decay"),
+          _checked(weight_decay, "weight_decay"),
           mask=_decay_mask(weight_decay_mask, mask)),
       # Same state as scale_by_learning_rate; warns if bf16 steps round away.
       precision.warn_on_rounding(

@@ -79,7 +79,8 @@ def chain(estimator, *downstream, honours_skip: bool = False
 def add_decayed_weights(weight_decay, mask=None
                         ) -> optax.GradientTransformationExtraArgs:
   """``optax.add_decayed_weights`` that adds nothing where ``zo_ok`` (from
-  :func:`chain`) is False.
+  :func:`chain`) is False, and skips the whole step where a scheduled weight
+  decay is not finite or negative.
 
   A skipped estimator already returns zeros, so with this and a learning
   rate after it a skipped step moves nothing, for the price of one scalar
@@ -94,6 +95,12 @@ def add_decayed_weights(weight_decay, mask=None
     _, new_state = inner.update(updates, state, params)  # its count
     count = jax.tree.leaves(state)[0] if callable(weight_decay) else 0
     rate = weight_decay(count) if callable(weight_decay) else weight_decay
+    rate = jnp.asarray(rate, jnp.float32)
+    if callable(weight_decay):  # an invalid scheduled value: no step at all
+      valid = jnp.isfinite(rate) & (rate >= 0)
+      updates = jax.tree.map(
+          lambda g: g * valid.astype(g.dtype), updates)
+      rate = jnp.where(valid, rate, 0.0)
     rate = jnp.where(zo_ok, rate, 0.0)
     flags = jax.tree.map(lambda _: True, params) if mask is None else (
         _checks.full_mask(mask, params))

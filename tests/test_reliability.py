@@ -64,9 +64,15 @@ def test_static_hyperparameters_raise_at_construction(kwargs, match):
 
 @pytest.mark.parametrize("program", PROGRAMS)
 def test_scheduled_invalid_values_do_not_move(program):
-  # A NaN learning rate from a schedule: nothing moves.
+  # A NaN learning rate or weight decay from a schedule: nothing moves.
   new, _ = steps(hz.mezo(lambda c: jnp.nan, program=program), PARAMS)
   np.testing.assert_array_equal(new["w"], PARAMS["w"])
+  new, _ = steps(hz.mezo(0.1, weight_decay=lambda c: jnp.nan,
+                         program=program), PARAMS)
+  np.testing.assert_array_equal(new["w"], PARAMS["w"])
+  new, _ = steps(hz.mezo(0.1, weight_decay=lambda c: 0.1 + 0 * c,
+                         program=program), PARAMS)
+  assert not np.array_equal(new["w"], PARAMS["w"])  # a valid one moves
   # mu^2 underflowing float32 from a schedule: the step is skipped.
   new, state = steps(hz.hizoo(1e-2, mu=lambda c: 1e-25, program=program),
                      PARAMS)
