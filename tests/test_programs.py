@@ -112,14 +112,34 @@ def test_plain_equals_compact(case, mask, lean):
     assert any(not np.allclose(h, 1.0) for h in h_plain), "H never moved"
 
 
+def _points(tx, params):
+  """The Perturbation the estimator hands the lean step."""
+  found = hz.PerturbationProbe()
+  tx.update(None, tx.init(params), params, zo_probe=found)
+  return found.perturbation
+
+
 def test_program_switch(monkeypatch):
   params = make_params()
-  assert hz.mezo(0.1, program="plain").init(params)[0].leaf_numbers is None
-  assert hz.mezo(0.1, program="compact").init(params)[0].leaf_numbers
+  assert _points(hz.mezo(0.1, program="plain"), params).move is not None
+  assert _points(hz.mezo(0.1, program="compact"), params).move is None
   monkeypatch.setenv("HIZOO_PROGRAM", "plain")
-  assert hz.hizoo(0.1).init(params)[0].leaf_numbers is None
+  assert _points(hz.hizoo(0.1), params).move is not None
   with pytest.raises(ValueError, match="program must be one of"):
     hz.mezo(0.1, program="fast")
+
+
+def test_states_differ_only_in_leaf_numbers():
+  """The plain program's state holds the mathematics only; the compact one
+  also holds each leaf's number (docs/api.md says why)."""
+  params = make_params()
+  for make in (hz.mezo, hz.hizoo, hz.hizoo_l):
+    plain = make(0.1, program="plain").init(params)
+    compact = make(0.1, program="compact").init(params)
+    assert plain[0].leaf_numbers is None
+    assert jax.tree.leaves(compact[0].leaf_numbers)
+    assert (jax.tree.structure(plain[0]._replace(leaf_numbers=None)) ==
+            jax.tree.structure(compact[0]._replace(leaf_numbers=None)))
 
 
 def one_sided(mu, key=0):
@@ -182,4 +202,29 @@ def test_checkpoint_restores_into_the_other_program(tmp_path, saved,
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(p["w"], params["w"])
   updates, _ = tx.update(None, s, p, value_fn=loss)  # and it steps on
+  assert np.all(np.isfinite(updates["w"]))
+
+
+@pytest.mark.parametrize("program", ["plain", "compact"])
+def test_checkpoint_with_leaf_numbers_restores(tmp_path, program):
+  """A checkpoint written before this layout (its ZOState held a tree of
+  leaf numbers, tests/data/checkpoint_leaf_numbers, by hizoo_jax at
+  3180ffa) restores into today's state of either program."""
+  import os, shutil  # pylint: disable=import-outside-toplevel,multiple-imports
+  data = os.path.join(os.path.dirname(__file__), "data")
+  shutil.copytree(os.path.join(data, "checkpoint_leaf_numbers"),
+                  tmp_path / "old")
+  expected = np.load(os.path.join(data,
+                                  "checkpoint_leaf_numbers_expected.npz"))
+  params = {"w": jnp.zeros((6, 4)), "b": jnp.zeros(4)}
+  tx = hz.hizoo_l(0.05, mu=5e-2, min_dim_size_to_factor=2, program=program)
+  step, p, s = hz.restore_checkpoint(str(tmp_path / "old"), params,
+                                     tx.init(params))
+  assert step == 3 and int(s[0].count) == int(expected["count"])
+  assert (s[0].leaf_numbers is None) == (program == "plain")
+  rows, cols = s[0].hessian
+  np.testing.assert_array_equal(rows["w"], expected["rows_w"])
+  np.testing.assert_array_equal(cols["w"], expected["cols_w"])
+  np.testing.assert_array_equal(p["w"], expected["w"])
+  updates, _ = tx.update(None, s, p, value_fn=loss)
   assert np.all(np.isfinite(updates["w"]))
