@@ -17,7 +17,7 @@ from hizoo_jax.checkpoint import (
 from hizoo_jax.curvature import FactoredHessian
 from hizoo_jax.grouped_curvature import GroupedStats
 from hizoo_jax.estimator import scale_by_hizoo, scale_by_mezo
-from hizoo_jax.inspection import step_noise
+from hizoo_jax.inspection import curvature_tree, step_noise
 from hizoo_jax.flax_utils import (
     cast_floating,
     linen_zo_step,
@@ -55,6 +55,7 @@ __all__ = [
     "abstract_state",
     "all_steps",
     "cast_floating",
+    "curvature_tree",
     "find_state",
     "hizoo",
     "hizoo_l",
