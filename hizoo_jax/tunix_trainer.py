@@ -17,7 +17,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax.numpy as jnp
-from tunix.sft import peft_trainer
+
+try:
+  from tunix.sft import peft_trainer
+except ImportError as e:  # pragma: no cover - depends on the environment
+  raise ImportError(
+      "hizoo_jax.tunix_trainer needs google-tunix: pip install "
+      "'hizoo_jax[tunix]'.") from e
 
 from hizoo_jax.flax_utils import nnx_zo_step
 
