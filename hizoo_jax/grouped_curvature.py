@@ -101,9 +101,16 @@ def last_array(hess: Factors, i: int) -> jax.Array:
   return hess.vector if isinstance(first, joined_factors.Slot) else first
 
 
-def join(per_leaf: list, treedef, masked=optax.MaskedNode()) -> tuple:
-  """The state's tuple of factor trees from per-leaf tuples (None: frozen)."""
-  count = max((len(h) for h in per_leaf if h is not None), default=1)
+def join(per_leaf: list, treedef, masked=optax.MaskedNode(),
+         count=None) -> tuple:
+  """The state's tuple of factor trees from per-leaf tuples (None: frozen).
+
+  ``count``: how many trees (:func:`num_factors`); None: as many as the
+  leaves have. init passes it, so that params without leaves (optax's
+  placeholder in ``optax.tree.map_params``) give HiZOO-L's two trees too.
+  """
+  if count is None:
+    count = max((len(h) for h in per_leaf if h is not None), default=1)
   return tuple(treedef.unflatten([masked if h is None else h[k]
                                   for h in per_leaf]) for k in range(count))
 
@@ -185,8 +192,11 @@ def update(factors: Factors, stats: GroupedStats, second: jax.Array, draw,
         [sums[key].reshape(num_queries, -1) for key in own], axis=1), 0.0),
                             axis=1)
   else:
+    # Summed over the factor's axes, not reshaped to (q, -1): on an
+    # Explicit mesh a reshape that merges a sharded axis is a type error.
     norm_sq = dim + sum(
-        jnp.sum(sums[i, 0].reshape(num_queries, -1), axis=1) for i in live)
+        jnp.sum(sums[i, 0], axis=tuple(range(1, sums[i, 0].ndim)))
+        for i in live)
 
   b, v, t = stats
   lam = 2.0 * b / dim

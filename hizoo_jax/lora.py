@@ -7,7 +7,18 @@ by the ``/``-joined path of the kernel they modify::
 
   {"encoder/layer/0/attention/self/query/kernel": {"a": (in, r), "b": (r, out)}}
 
-A kernel with more than two axes is treated as ``(shape[0], prod(shape[1:]))``.
+A kernel is a leaf named ``kernel`` (Flax), ``weight`` (PyTorch-style) or
+``w`` (tunix's NNX models); a trailing ``value`` (the ``.value`` of an NNX
+``Variable`` in ``nnx.state`` / ``nnx.split`` trees) is looked through. A
+kernel with more than two axes is treated as ``(shape[0], prod(shape[1:]))``.
+
+For NNX models, prefer qwix (``qwix.LoraProvider`` and
+``qwix.apply_lora_to_model``): its adapters are ``nnx.LoRAParam`` variables
+inside the model, applied in the forward pass as ``x @ A @ B`` without forming
+``W + A @ B``, and trained with ``nnx.Optimizer(model, tx,
+wrt=nnx.LoRAParam)``; see docs/finetuning.md. This module suits functional
+parameter trees (Linen, Hugging Face Flax, an ``nnx.split`` state) where the
+adapters should be a tree of their own.
 ``A`` starts random (std ``1/sqrt(in)``) and ``B`` at zero, so ``W_eff = W``
 at step 0.
 
@@ -38,6 +49,7 @@ import jax
 import jax.numpy as jnp
 
 Targets = Union[Sequence[str], Callable[[str, Any], bool]]
+KERNEL_NAMES = ("kernel", "weight", "w")
 
 
 def path_name(path) -> str:
@@ -60,7 +72,9 @@ def _selected(name: str, leaf, targets: Targets) -> bool:
   if callable(targets):
     return bool(targets(name, leaf))
   parts = name.split("/")
-  return parts[-1] in ("kernel", "weight") and any(t in parts for t in targets)
+  if len(parts) > 1 and parts[-1] == "value":  # an NNX Variable's value
+    parts = parts[:-1]
+  return parts[-1] in KERNEL_NAMES and any(t in parts for t in targets)
 
 
 def lora_init(
@@ -77,9 +91,11 @@ def lora_init(
     key: a PRNG key for the random ``A`` factors.
     params: the base parameter tree (only paths, shapes and dtypes are read).
     rank: the rank r of every adapter, >= 1.
-    targets: names of path components whose ``kernel`` leaves get an adapter
-      (e.g. ``("query", "value")`` for BERT attention, ``("q_proj",
-      "v_proj")`` for OPT), or a callable ``(path_name, leaf) -> bool``.
+    targets: names of path components whose kernels (leaves named
+      ``kernel``, ``weight`` or ``w``, optionally followed by an NNX
+      ``value``) get an adapter (e.g. ``("query", "value")`` for BERT
+      attention, ``("q_proj", "v_proj")`` for OPT or tunix's Qwen3), or a
+      callable ``(path_name, leaf) -> bool``.
       Only floating leaves with ndim >= 2 are eligible.
     dtype: dtype of the factors (float32 by default, also for bf16 models).
 

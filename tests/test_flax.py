@@ -200,6 +200,9 @@ def test_linen_train_state_converges():
 def test_hf_flax_bert_trains_in_bf16():
   """HF Flax params cast to bf16 train with hz.hizoo; H stays float32."""
   transformers = pytest.importorskip("transformers")
+  if not hasattr(transformers, "FlaxBertModel"):
+    pytest.skip(f"transformers {transformers.__version__} has no Flax classes "
+                "(removed in 5.0; the hf extra pins >=4.57,<5)")
   transformers.logging.set_verbosity_error()
   config = transformers.BertConfig(
       vocab_size=50, hidden_size=16, num_hidden_layers=1,

@@ -35,6 +35,40 @@ def test_init_selects_targets_and_is_identity_at_start():
     np.testing.assert_array_equal(x, y)
 
 
+def test_nnx_and_tunix_names_match():
+  """NNX state paths end in ``value``; tunix names its kernels ``w``."""
+  nnx = pytest.importorskip("flax.nnx")
+
+  class Attn(nnx.Module):
+
+    def __init__(self, rngs):
+      self.q_proj = nnx.Linear(6, 4, rngs=rngs)  # .../q_proj/kernel/value
+      self.v_proj = nnx.Module()
+      self.v_proj.w = nnx.Param(jnp.ones((6, 2, 2)))  # tunix-style
+      self.o_proj = nnx.Linear(4, 6, rngs=rngs)
+
+  model = Attn(nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  adapters = lora.lora_init(jax.random.key(1), params, rank=2,
+                            targets=("q_proj", "v_proj"))
+  assert sorted(adapters) == ["q_proj/kernel/value", "v_proj/w/value"]
+  assert adapters["v_proj/w/value"]["b"].shape == (2, 4)
+  # A trained adapter changes exactly its kernel inside the nnx.State.
+  adapters["v_proj/w/value"]["b"] = jnp.ones((2, 4))
+  merged = lora.lora_merge(params, adapters, scale=1.0)
+  graphdef, _ = nnx.split(model, nnx.Param)
+  merged_model = nnx.merge(graphdef, merged)
+  a = adapters["v_proj/w/value"]["a"]
+  np.testing.assert_allclose(merged_model.v_proj.w[...],
+                             1.0 + (a @ jnp.ones((2, 4))).reshape(6, 2, 2),
+                             rtol=1e-6)
+  np.testing.assert_array_equal(merged_model.o_proj.kernel[...],
+                                model.o_proj.kernel[...])
+  weight = {"layer": {"q_proj": {"weight": jnp.ones((3, 3))}}}
+  assert list(lora.lora_init(jax.random.key(0), weight, targets=("q_proj",))
+              ) == ["layer/q_proj/weight"]
+
+
 def test_merge_adds_scaled_low_rank_product():
   base = _base()
   adapters = lora.lora_init(jax.random.key(1), base, rank=2,
