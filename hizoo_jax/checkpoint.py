@@ -344,7 +344,7 @@ def _restore_newest_readable(manager, directory, steps, params, opt_state):
       warnings.warn(
           f"skipped an unreadable checkpoint ({failure}); restored step "
           f"{step} instead. The unreadable step is left in place: inspect or "
-          "delete it yourself.", RuntimeWarning, stacklevel=3)
+          "delete it yourself.", RuntimeWarning, stacklevel=4)
     return step, restored
   raise CheckpointError(
       f"no readable checkpoint in {directory} (nothing was deleted): "
