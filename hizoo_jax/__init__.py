@@ -1,4 +1,4 @@
-"""hizoo_jax: Hessian-informed zeroth-order optimizers (HiZOO, HiZOO-L, MeZO).
+"""hizoo_jax: Hessian-informed zeroth-order optimizers (HiZOO, HiZOO-L, MeZO, FZOO).
 
 Optax gradient transformations that fine-tune without a backward pass, a
 memory-lean training step, sharding and checkpoint helpers, LoRA and Flax
@@ -17,6 +17,7 @@ from hizoo_jax.checkpoint import (
 from hizoo_jax.curvature import FactoredHessian
 from hizoo_jax.grouped_curvature import GroupedStats
 from hizoo_jax.estimator import scale_by_hizoo, scale_by_mezo
+from hizoo_jax.fzoo import FZOOState, fzoo, probe_noise, scale_by_fzoo
 from hizoo_jax.inspection import step_noise
 from hizoo_jax.flax_utils import (
     cast_floating,
@@ -45,6 +46,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "FZOOState",
     "FactoredHessian",
     "GroupedStats",
     "MaskedTailState",
@@ -56,6 +58,7 @@ __all__ = [
     "all_steps",
     "cast_floating",
     "find_state",
+    "fzoo",
     "hizoo",
     "hizoo_l",
     "init_sharded",
@@ -69,8 +72,10 @@ __all__ = [
     "mezo",
     "nnx_value_fn",
     "nnx_zo_step",
+    "probe_noise",
     "restore_checkpoint",
     "save_checkpoint",
+    "scale_by_fzoo",
     "scale_by_hizoo",
     "scale_by_mezo",
     "state_shardings",
