@@ -22,7 +22,7 @@ regenerated wherever it is needed (in the probe's loss and in the direction).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -119,11 +119,19 @@ def scale_by_fzoo(
     >>> updates, state = tx.update(
     ...     None, state, params, value_fn=lambda p: jnp.sum(p["w"] ** 2))
   """
+  if not isinstance(normalize, bool):
+    raise TypeError(
+        f"normalize must be a Python bool, got {normalize!r}. With "
+        "optax.inject_hyperparams, pass static_args=('normalize', "
+        "'num_probes').")
   num_probes = _checks.static_int(num_probes, "num_probes",
                                   2 if normalize else 1)
   if noise not in NOISES:
     raise ValueError(f"noise must be one of {NOISES}, got {noise!r}.")
-  _checks.check_hyperparams(eps)
+  eps_value = _checks.concrete_float(eps)
+  if eps_value is not None and not 0 < eps_value < float("inf"):
+    raise ValueError(f"eps (the probe scale) must be finite and > 0, got "
+                     f"{eps!r}.")
   _checks.check_key(key)
 
   def init_fn(params):
@@ -187,7 +195,7 @@ def fzoo(
     weight_decay: ScalarOrSchedule = 0.0,
     key=0,
     *,
-    num_probes: int = 8,
+    num_probes: Optional[int] = None,
     noise: str = "rademacher",
     normalize: bool = True,
     mask=None,
@@ -210,7 +218,8 @@ def fzoo(
     eps: probe scale (float or schedule).
     weight_decay: lambda (float or schedule).
     key: seed or PRNG key for the noise.
-    num_probes: N (N + 1 forward passes a step).
+    num_probes: N (N + 1 forward passes a step; None: 8, and static
+      under ``optax.inject_hyperparams``).
     noise: ``"rademacher"`` or ``"gaussian"``.
     normalize: False gives one-sided ZO-SGD with N queries (the ablation).
     mask: tree of bools or callable; False leaves are frozen.
@@ -229,7 +238,8 @@ def fzoo(
     >>> params = optax.apply_updates(params, updates)
   """
   return optax.chain(
-      scale_by_fzoo(eps, num_probes=num_probes, noise=noise,
+      scale_by_fzoo(eps, num_probes=8 if num_probes is None else num_probes,
+                    noise=noise,
                     normalize=normalize, mask=mask, key=key),
       *_tail(learning_rate, weight_decay, weight_decay_mask, mask),
   )

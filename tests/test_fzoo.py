@@ -187,6 +187,24 @@ def test_composes_in_chain_with_schedules_under_jit():
   assert int(sp.count) == 3
 
 
+def test_inject_hyperparams_moves_the_rate_and_eps():
+  params = make_params()
+  tx = optax.inject_hyperparams(hz.fzoo)(0.1, 1e-2, key=4)
+  ref = hz.fzoo(0.05, 1e-2, key=4)
+  state = tx.init(params)
+  state.hyperparams["learning_rate"] = jnp.asarray(0.05)
+  u, _ = jax.jit(lambda s: tx.update(None, s, params, value_fn=loss_jax))(
+      state)
+  v, _ = jax.jit(lambda s: ref.update(None, s, params, value_fn=loss_jax))(
+      ref.init(params))
+  for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(v)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+  tx = optax.inject_hyperparams(hz.fzoo)(0.1, num_probes=4)
+  with pytest.raises(TypeError, match="static_args"):
+    jax.jit(lambda s: tx.update(None, s, params, value_fn=loss_jax))(
+        tx.init(params))
+
+
 def test_descends_a_quadratic():
   params = make_params()
   tx = hz.fzoo(0.02, 1e-3, num_probes=8, key=2)
@@ -225,8 +243,10 @@ def test_errors_are_clear():
     hz.scale_by_fzoo(num_probes=1)
   with pytest.raises(ValueError, match="noise"):
     hz.scale_by_fzoo(noise="uniform")
-  with pytest.raises(ValueError, match="mu"):
+  with pytest.raises(ValueError, match="eps"):
     hz.scale_by_fzoo(0.0)
+  with pytest.raises(TypeError, match="normalize"):
+    hz.scale_by_fzoo(normalize=1)
   with pytest.raises(TypeError, match="key"):
     hz.scale_by_fzoo(key="seed")
   params = make_params()

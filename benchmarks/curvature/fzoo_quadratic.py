@@ -7,11 +7,11 @@ from a grid (by the median final f / f0), run together with ``vmap``:
 
 * ``mezo``: ``c / tr(A)``, c in {1/4, ..., 4} (2 passes a step);
 * ``fzoo8``, ``fzoo4``, ``fzoo16``, ``fzoo8_gauss`` (normalized steps):
-  ``c N |g_0| / tr(A)``, c in {1/256, ..., 4} by 4x, where g_0 is the
+  ``c N |g_0| / tr(A)``, c in {1/128, ..., 2} by 2x, where g_0 is the
   gradient at x_0: the step is normalized, so its rate carries the scale
   of |g| that MeZO's estimate has built in (N + 1 passes a step);
 * ``fzoo8_unnorm`` (one-sided ZO-SGD, 8 queries): ``c / tr(A)``, c in
-  {1/2, ..., 8}.
+  {1, ..., 64} by 2x.
 
 All float32, eps = mu = 1e-3, constant learning rates. Reported: median
 final f / f0, forward passes to reach 1e-2 f0, and the curves.
@@ -49,9 +49,10 @@ METHODS = {  # name: (passes per step, estimator(key), grid, rate scale)
     "fzoo8_gauss": (9, lambda k: hz.scale_by_fzoo(
         1e-3, noise="gaussian", key=k), None, "normalized"),
     "fzoo8_unnorm": (9, lambda k: hz.scale_by_fzoo(
-        1e-3, normalize=False, key=k), [0.5, 1.0, 2.0, 4.0, 8.0], "trace"),
+        1e-3, normalize=False, key=k), [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
+        "trace"),
 }
-NORMALIZED_GRID = [4.0**-k for k in range(4, -2, -1)]  # 1/256 .. 4
+NORMALIZED_GRID = [2.0**-k for k in range(7, -2, -1)]  # 1/128 .. 2
 
 
 def run_method(x0, a, budget_passes, passes, make, lrs, seeds):

@@ -43,7 +43,7 @@ def summarise(record, args):
   return rows
 
 
-def table(rows, record) -> str:
+def table(rows, var) -> str:
   lines = ["| setting | method | lr (dev) | seeds | zero-shot | final test acc "
            "(mean +- std) | per seed | fraction of MeZO's passes to MeZO's "
            "final acc |", "|" + " --- |" * 8]
@@ -58,7 +58,6 @@ def table(rows, record) -> str:
         f"{' (+' + ','.join(map(str, r['in_progress'])) + ' running)' if r['in_progress'] else ''}"
         f" | {r['zero_shot']:.3f} | {acc} | "
         f"{', '.join(f'{x:.3f}' for x in r['final_test'])} | {reach or '-'} |")
-  var = record.get("variance", {})
   if var:
     lines += ["", f"Estimate quality at the pretrained parameters (|g| = "
               f"{var.get('grad_norm', float('nan')):.3g}):", "",

@@ -268,7 +268,16 @@ def _skipped(state) -> int:
 
 
 # ----------------------------------------------- per-step estimate quality
-def measure_variance(args, task, record):
+def variance_path(args):
+  return os.path.splitext(args.out)[0] + "_variance.json"
+
+
+def variance(args) -> dict:
+  path = variance_path(args)
+  return json.load(open(path)) if os.path.exists(path) else {}
+
+
+def measure_variance(args, task):
   """How each method's one-step estimate d aligns with the true gradient.
 
   At the pretrained parameters (full fine-tuning, seed 13), over R steps:
@@ -277,7 +286,8 @@ def measure_variance(args, task, record):
   to a gradient step, for an isotropic quadratic model) and is divided by
   the passes per step to compare methods per forward pass.
   """
-  out = record.setdefault("variance", {})
+  path = variance_path(args)  # its own file: it may run beside the queue
+  out = json.load(open(path)) if os.path.exists(path) else {}
   train = jax.tree.map(jnp.array, task.train0)
   loss = lambda p: task.loss_fn(p, task.batch)  # noqa: E731
   g = jax.jit(jax.grad(loss))(train)
@@ -321,7 +331,7 @@ def measure_variance(args, task, record):
         efficiency=eff, efficiency_per_pass=eff / PASSES[method],
         seconds=round(time.time() - start, 1))
     print("variance", method, out[method], flush=True)
-    save_json(record, args.out)
+    save_json(out, path)
 
 
 # ------------------------------------------------------------------ main
@@ -346,6 +356,9 @@ def main():
                       help="measure each estimate against autodiff (after "
                       "the first learning-rate selections)")
   parser.add_argument("--variance-draws", type=int, default=16)
+  parser.add_argument("--variance-only", action="store_true",
+                      help="only measure the estimates (beside a running "
+                      "queue: they go to their own file)")
   parser.add_argument("--max-runs", type=int, default=0,
                       help="stop after this many runs (0: the whole queue)")
   parser.add_argument("--report-only", action="store_true",
@@ -387,12 +400,15 @@ def main():
         tasks[(seed, peft)] = Task(args, clf, seed, peft)
       return tasks[(seed, peft)]
 
+    if args.variance_only:
+      measure_variance(args, task(SELECT_SEED, "full"))
+      return
     done = 0
     while True:
       group, job = next_job(record, args)
       if args.measure_variance and (job is None or group > 0):
         # After the first selections: the evidence for why, before the rest.
-        measure_variance(args, task(SELECT_SEED, "full"), record)
+        measure_variance(args, task(SELECT_SEED, "full"))
       if job is None or (args.max_runs and done >= args.max_runs):
         break
       peft, method, lr, eps, seed = job
@@ -402,10 +418,10 @@ def main():
       rows = fzoo_report.summarise(record, args)
       record["summary"] = rows
       save_json(record, args.out)
-      print(fzoo_report.table(rows, record), flush=True)
+      print(fzoo_report.table(rows, variance(args)), flush=True)
   record["summary"] = fzoo_report.summarise(record, args)
   save_json(record, args.out)
-  text = fzoo_report.table(record["summary"], record)
+  text = fzoo_report.table(record["summary"], variance(args))
   print(text)
   with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
     f.write(text + "\n")
