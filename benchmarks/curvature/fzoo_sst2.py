@@ -421,7 +421,7 @@ def main():
       print(fzoo_report.table(rows, variance(args)), flush=True)
   record["summary"] = fzoo_report.summarise(record, args)
   save_json(record, args.out)
-  text = fzoo_report.table(record["summary"], variance(args))
+  text = fzoo_report.table(record["summary"], variance(args), record, args)
   print(text)
   with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
     f.write(text + "\n")
