@@ -124,6 +124,23 @@ def plot(results, path):
   fig.savefig(path, dpi=110)
 
 
+def table(results) -> str:
+  lines = ["| problem | method | best c | final f/f0 (median, 3 seeds) | "
+           "vs MeZO | passes to 1e-2 f0 | final f/f0 per c |",
+           "|" + " --- |" * 7]
+  for key, entry in results.items():
+    mezo = entry.get("mezo", {}).get("final")
+    for name, r in entry.items():
+      ratio = f"{r['final'] / mezo:.2f}x" if mezo else "-"
+      reach = ("not reached" if not np.isfinite(r["passes_to_target"])
+               else f"{r['passes_to_target']:.0f}")
+      per_c = ", ".join(f"{c:g}: {f:.3g}" for c, f in zip(
+          METHODS[name][2] or NORMALIZED_GRID, r["final_per_c"]))
+      lines.append(f"| {key} | {name} | {r['best_c']:g} | {r['final']:.3g} |"
+                   f" {ratio} | {reach} | {per_c} |")
+  return "\n".join(lines)
+
+
 def main():
   parser = argparse.ArgumentParser(
       description=__doc__.split("\n")[0],
@@ -172,6 +189,10 @@ def main():
         json.dump(results, f, indent=1)
       os.replace(path + ".tmp", path)  # resumable, per method
   plot(results, os.path.join(args.out, "fzoo_quadratic.png"))
+  text = table(results)
+  print(text)
+  with open(os.path.join(args.out, "fzoo_quadratic.md"), "w") as f:
+    f.write(text + "\n")
 
 
 if __name__ == "__main__":
