@@ -68,13 +68,14 @@ def check_number(value, name: str, minimum: float = 0.0) -> None:
     raise ValueError(f"{name} must be finite and >= {minimum}, got {value!r}.")
 
 
-def check_hyperparams(mu, hessian_smooth=None) -> None:
-  check_number(mu, "mu")
+def check_hyperparams(mu, hessian_smooth=None, name: str = "mu") -> None:
+  """The perturbation scale (``name``) and the rate H moves at, if static."""
+  check_number(mu, name)
   mu_value = concrete_float(mu)
   if mu_value is not None and not _MU_MIN <= mu_value < float("inf"):
     raise ValueError(
-        f"mu (the perturbation scale) must be finite and >= {_MU_MIN:.1e} "
-        f"(2 mu^2 must not underflow float32), got {mu!r}.")
+        f"{name} (the perturbation scale) must be finite and >= "
+        f"{_MU_MIN:.1e} (2 {name}^2 must not underflow float32), got {mu!r}.")
   if hessian_smooth is not None:
     rate = concrete_float(hessian_smooth)
     if rate is not None and not 0.0 <= rate <= 1.0:

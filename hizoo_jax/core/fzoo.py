@@ -29,7 +29,6 @@ import optax
 
 from hizoo_jax import _checks
 from hizoo_jax import noise as _noise
-from hizoo_jax import zo_state
 from hizoo_jax.core import leafwise
 from hizoo_jax.core import scheme as schemes
 from hizoo_jax.core.estimators import at_step, probe_or_losses
@@ -102,7 +101,7 @@ def scale_by_fzoo(eps=1e-3, *, num_probes: int = 8, noise: str = "rademacher",
   n = _checks.static_int(num_probes, "num_probes", 2 if normalize else 1)
   if noise not in NOISES:
     raise ValueError(f"noise must be one of {NOISES}, got {noise!r}.")
-  _checks.check_hyperparams(eps)
+  _checks.check_hyperparams(eps, name="eps")
   _checks.check_key(key)
   scheme = schemes.one_sided(n)
 
@@ -157,7 +156,13 @@ def probe_noise(state, params, probe: int, *, noise: str = "rademacher"
   """
   if noise not in NOISES:
     raise ValueError(f"noise must be one of {NOISES}, got {noise!r}.")
-  fz = zo_state.find_state(state)
+  found = [node for node in jax.tree_util.tree_leaves(
+      state, is_leaf=lambda x: isinstance(x, FZOOState))
+             if isinstance(node, FZOOState)]
+  if not found:
+    raise ValueError("probe_noise needs an FZOO state (hz.scale_by_fzoo, "
+                     "hz.fzoo); for the other estimators use hz.step_noise.")
+  fz = found[0]
 
   def leaf(path, x):
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
