@@ -51,14 +51,19 @@ except ImportError:  # the progress bar is optional.
 # 100x smaller rates for full fine-tuning (1e-7, 1e-6) than for LoRA (5e-5,
 # 1e-4); 2e-3 made LoRA + head improve here, so full gets 2e-5. Adam full
 # fine-tuning uses the usual BERT-scale rate.
+# FZOO's step is normalized (its rate is the step's length, not MeZO's):
+# 3e-3 was chosen on a dev split for full fine-tuning of MiniLM
+# (docs/results.md, section 4); LoRA was not tuned.
 DEFAULT_LR = {
     ("zo", "lora"): 2e-3, ("zo", "full"): 2e-5,
+    ("fzoo", "lora"): 3e-3, ("fzoo", "full"): 3e-3,
     ("adam", "lora"): 1e-3, ("adam", "full"): 2e-5,
 }
 
 
 def default_lr(optimizer: str, peft: str) -> float:
-  return DEFAULT_LR[("adam" if optimizer == "adam" else "zo", peft)]
+  kind = optimizer if optimizer in ("adam", "fzoo") else "zo"
+  return DEFAULT_LR[(kind, peft)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "fine-tuning with hizoo/hizoo-l/mezo (a zeroth-order step "
                  "grows with the number of perturbed parameters; MeZO's grids"
                  " use about 100x smaller rates for full than for LoRA), "
+                 "3e-3 with fzoo (chosen on dev for full fine-tuning), "
                  "1e-3 (LoRA) / 2e-5 (full) with adam")
   g.add_argument("--mu", type=float, default=1e-3,
                  help="perturbation scale (ZO; FZOO's probe scale eps)")

@@ -71,6 +71,8 @@ def _run(assets, tmp_path, *flags, model="embed", steps=3):
       "--mu", "0.05"), "embed"),
     (("--optimizer", "mezo", "--peft", "lora", "--dtype", "bfloat16"),
      "embed"),
+    (("--optimizer", "fzoo", "--peft", "full", "--num-probes", "4",
+      "--dtype", "bfloat16", "--mu", "0.05"), "embed"),
     pytest.param(("--optimizer", "mezo", "--objective", "accuracy", "--mu",
                   "0.05", "--dtype", "bfloat16"), "mlm",
                  marks=needs_hf_flax),
