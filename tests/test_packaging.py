@@ -44,7 +44,7 @@ def test_ci_runs_readmes_test_command():
     readme = f.read()
   with open(os.path.join(ROOT, ".ci", "run")) as f:
     ci = f.read()
-  command = re.search(r"```bash\n(python3 -m venv .*pytest -q)\n```",
+  command = re.search(r"```bash\n(python3 -m venv .*pytest -q[^\n]*)\n```",
                       readme).group(1)
   assert "[test" in command
   assert command in ci
