@@ -23,6 +23,7 @@ from jax import lax
 from hizoo_jax import _xla
 from hizoo_jax import joined_factors
 from hizoo_jax import range_sums
+from hizoo_jax.core import signed_rule
 # The rule's constants, state types and pure helpers are the core's.
 from hizoo_jax.core.signed_rule import (  # pylint: disable=unused-import
     CLIP, DEFAULT_RATE, FLOOR, GRANULARITIES, STATS_RATE, GroupedStats,
@@ -198,14 +199,8 @@ def update(factors: Factors, stats: GroupedStats, second: jax.Array, draw,
         jnp.sum(sums[i, 0], axis=tuple(range(1, sums[i, 0].ndim)))
         for i in live)
 
-  b, v, t = stats
-  lam = 2.0 * b / dim
-  y = second - b * norm_sq / dim  # (q,)
-  usable = probe & (t >= 2) & (lam > 0) & jnp.isfinite(v) & (v > 0)
-  safe_lam = jnp.where(lam > 0, lam, 1.0)
-  safe_v = jnp.where(v > 0, v, 1.0)
   y, safe_lam, safe_v, usable = _xla.computed_once(
-      (y, safe_lam, safe_v, usable), draw.zero)
+      signed_rule.residual(stats, second, norm_sq, dim, probe), draw.zero)
 
   # The factors as one vector: the rule is a few vector operations, where
   # factor by factor it was a few dozen instructions and several tiny
@@ -271,15 +266,6 @@ def update(factors: Factors, stats: GroupedStats, second: jax.Array, draw,
   new_inv_sqrt = _inv_sqrt_reader(h if joined else None, joined, new_hess,
                                   numbers)
 
-  # Running means: plain averages for the first 1 / STATS_RATE samples.
-  q_mean = jnp.mean(second)
-  b_new = b + jnp.maximum(STATS_RATE, 1.0 / (t + 1)) * (q_mean - b)
-  residual = jnp.mean(jnp.square(y / safe_lam))
-  v_rate = jnp.maximum(STATS_RATE, 1.0 / jnp.maximum(t, 1))
-  v_new = jnp.where((t >= 1) & (lam > 0), v + v_rate * (residual - v), v)
-  new_stats = GroupedStats(
-      baseline=jnp.where(probe, b_new, b).astype(jnp.float32),
-      spread=jnp.where(probe, v_new, v).astype(jnp.float32),
-      probes=t + probe.astype(jnp.int32))
+  new_stats = signed_rule.next_stats(stats, second, y, safe_lam, dim, probe)
   return (Factors(new_hess, h if joined else None, factors.carried),
           new_stats, new_inv_sqrt)

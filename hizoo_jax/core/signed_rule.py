@@ -139,6 +139,35 @@ def total(h: tuple, shape) -> jax.Array:
   ) * both
 
 
+def residual(stats: GroupedStats, second: jax.Array, norm_sq: jax.Array,
+             dim: float, probe: jax.Array):
+  """``(y, safe_lam, safe_v, usable)``: q minus its prediction from the
+  baseline, the mean of lambda and the noise v (1 where not yet known), and
+  whether this probe may move H (module docstring)."""
+  b, v, t = stats
+  lam = 2.0 * b / dim
+  y = second - b * norm_sq / dim  # (q,)
+  usable = probe & (t >= 2) & (lam > 0) & jnp.isfinite(v) & (v > 0)
+  return (y, jnp.where(lam > 0, lam, 1.0), jnp.where(v > 0, v, 1.0), usable)
+
+
+def next_stats(stats: GroupedStats, second: jax.Array, y: jax.Array,
+               safe_lam: jax.Array, dim: float, probe: jax.Array
+               ) -> GroupedStats:
+  """The running means b and v after a probe (plain averages for the first
+  1 / STATS_RATE probes); unchanged where ``probe`` is False."""
+  b, v, t = stats
+  lam = 2.0 * b / dim
+  b_new = b + jnp.maximum(STATS_RATE, 1.0 / (t + 1)) * (jnp.mean(second) - b)
+  spread = jnp.mean(jnp.square(y / safe_lam))
+  v_rate = jnp.maximum(STATS_RATE, 1.0 / jnp.maximum(t, 1))
+  v_new = jnp.where((t >= 1) & (lam > 0), v + v_rate * (spread - v), v)
+  return GroupedStats(
+      baseline=jnp.where(probe, b_new, b).astype(jnp.float32),
+      spread=jnp.where(probe, v_new, v).astype(jnp.float32),
+      probes=t + probe.astype(jnp.int32))
+
+
 def update(hess: list, stats: GroupedStats, second: jax.Array,
            leaves: leafwise.Leaves, rate: jax.Array, probe: jax.Array):
   """The new factors and statistics after one step (module docstring).
@@ -169,12 +198,7 @@ def update(hess: list, stats: GroupedStats, second: jax.Array,
       jnp.sum(sums[i, 0], axis=tuple(range(1, sums[i, 0].ndim)))
       for i in live)
 
-  b, v, t = stats
-  lam = 2.0 * b / dim
-  y = second - b * norm_sq / dim  # (q,)
-  usable = probe & (t >= 2) & (lam > 0) & jnp.isfinite(v) & (v > 0)
-  safe_lam = jnp.where(lam > 0, lam, 1.0)
-  safe_v = jnp.where(v > 0, v, 1.0)
+  y, safe_lam, safe_v, usable = residual(stats, second, norm_sq, dim, probe)
 
   new = []
   for i, h in enumerate(hess):
@@ -199,12 +223,4 @@ def update(hess: list, stats: GroupedStats, second: jax.Array,
         jnp.maximum(f / mean_h if k == 0 else f, floor).astype(hess[i][k].dtype)
         for k, f in enumerate(new[i]))
 
-  b_new = b + jnp.maximum(STATS_RATE, 1.0 / (t + 1)) * (jnp.mean(second) - b)
-  residual = jnp.mean(jnp.square(y / safe_lam))
-  v_rate = jnp.maximum(STATS_RATE, 1.0 / jnp.maximum(t, 1))
-  v_new = jnp.where((t >= 1) & (lam > 0), v + v_rate * (residual - v), v)
-  new_stats = GroupedStats(
-      baseline=jnp.where(probe, b_new, b).astype(jnp.float32),
-      spread=jnp.where(probe, v_new, v).astype(jnp.float32),
-      probes=t + probe.astype(jnp.int32))
-  return new, new_stats
+  return new, next_stats(stats, second, y, safe_lam, dim, probe)
