@@ -34,8 +34,8 @@ def chain(estimator, *downstream, honours_skip: bool = False
       :func:`hizoo_jax.scale_by_mezo`, ...).
     *downstream: optax transformations applied to its output.
     honours_skip: the downstream transformations move nothing themselves
-      when ``zo_ok`` is False (as :func:`scale_by_learning_rate` does): no
-      select per leaf is added (the aliases' tail).
+      when ``zo_ok`` is False (as :func:`add_decayed_weights` before a
+      learning rate does): no select per leaf is added (the aliases' tail).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.

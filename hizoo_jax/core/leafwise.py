@@ -15,7 +15,6 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from hizoo_jax import _checks
 from hizoo_jax import noise
@@ -149,7 +148,3 @@ def group_sums(leaves: Leaves, fn: Callable, i: int, axes: tuple[int, ...],
   return jnp.stack([jnp.sum(fn(leaves.z(i, j, use)), axis=axes,
                             keepdims=True)
                     for j in range(leaves.seeds.shape[0])])
-
-
-def size(leaves: Leaves, i: int) -> int:
-  return int(np.prod(jnp.shape(leaves.values[i]), dtype=np.int64))
