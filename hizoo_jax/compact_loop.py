@@ -141,6 +141,42 @@ def _value(losses) -> jax.Array:
   return jnp.where(jnp.isnan(center), sides, center)
 
 
+def _skip(theta):
+  del theta
+  return jnp.zeros([], jnp.float32)
+
+
+def _phase_loss(k, theta, state, perturbation, loss_at):
+  """Phase k's loss: L(theta) at phase 0 where the estimator evaluates it
+  (on the steps that probe the curvature), nothing at MeZO's phase 0, and
+  the perturbed point at every other phase."""
+  if perturbation.evaluates_center and perturbation.center_every > 1:
+    count = zo_state.find_state(state).count
+    evaluate = (k > 0) | (count % perturbation.center_every == 0)
+    return lax.cond(evaluate, lambda t: loss_at(t, "a point of the step"),
+                    _skip, theta)
+  if perturbation.evaluates_center:
+    return loss_at(theta, "a point of the step")
+  return lax.cond(k == 0, _skip, lambda t: loss_at(t, "theta +/- mu*s*z"),
+                  theta)
+
+
+def _update_on_last(optimizer, theta, state, losses, k, num_phases):
+  """The optimizer's update of the restored point ``theta`` from ``losses``,
+  applied (to theta and to the state) on the last phase only."""
+  # Stored, not recomputed in every leaf's fusion.
+  last = _xla.computed_once(k == num_phases - 1,
+                            (k >> 31).astype(jnp.uint32))
+  updates, new_state = optimizer.update(
+      None, state, theta, zo_losses=losses, zo_final=last,
+      value=_value(losses))
+  theta = jax.tree.map(lambda n, r: jnp.where(last, n, r),
+                       optax.apply_updates(theta, updates), theta)
+  state = jax.tree.map(
+      lambda n, o: jnp.where(last, n, o).astype(o.dtype), new_state, state)
+  return theta, state
+
+
 def run(optimizer, opt_state, params, batch, loss_fn, perturbation,
         store_noise, probe):
   """Evaluates, moves and updates in place.
@@ -165,9 +201,6 @@ def run(optimizer, opt_state, params, batch, loss_fn, perturbation,
   num_phases = 2 * num_queries + 1
   update_in_loop = _update_in_loop(perturbation, opt_state, params)
 
-  def loss_at(theta, where):
-    return _checks.check_loss(loss_fn(theta, batch), where)
-
   deltas = None
   if store_noise:
     deltas = _stored_deltas(perturbation.shift, params, num_queries)
@@ -188,23 +221,11 @@ def run(optimizer, opt_state, params, batch, loss_fn, perturbation,
   def losses_of(losses):
     return (losses[0] if center_first else None), losses[1::2], losses[2::2]
 
-  def skip(theta):
-    del theta
-    return jnp.zeros([], jnp.float32)
-
   def body(k, carry):
     theta, losses, state = carry
-    if center_first and perturbation.center_every > 1:
-      # L(theta) only on the steps that probe the curvature.
-      count = zo_state.find_state(state).count
-      evaluate = (k > 0) | (count % perturbation.center_every == 0)
-      loss = lax.cond(evaluate, lambda t: loss_at(t, "a point of the step"),
-                      skip, theta)
-    elif center_first:
-      loss = loss_at(theta, "a point of the step")
-    else:  # MeZO: phase 0 only moves out.
-      loss = lax.cond(k == 0, skip,
-                      lambda t: loss_at(t, "theta +/- mu*s*z"), theta)
+    loss = _phase_loss(k, theta, state, perturbation,
+                       lambda t, where: _checks.check_loss(loss_fn(t, batch),
+                                                           where))
     # The move waits for the loss, which reads theta before it is moved:
     # (l != l) & (l == l) is False, but XLA cannot prove it. Opaque to XLA:
     # z and H^{-1/2} stay inside the loop, never stored.
@@ -213,16 +234,8 @@ def run(optimizer, opt_state, params, batch, loss_fn, perturbation,
     losses = losses.at[k].set(loss)
     theta = move(theta, state, k)
     if update_in_loop:
-      # Stored, not recomputed in every leaf's fusion.
-      last = _xla.computed_once(k == num_phases - 1,
-                                (k >> 31).astype(jnp.uint32))
-      updates, new_state = optimizer.update(
-          None, state, theta, zo_losses=losses_of(losses), zo_final=last,
-          value=_value(losses_of(losses)))
-      theta = jax.tree.map(lambda n, r: jnp.where(last, n, r),
-                           optax.apply_updates(theta, updates), theta)
-      state = jax.tree.map(
-          lambda n, o: jnp.where(last, n, o).astype(o.dtype), new_state, state)
+      theta, state = _update_on_last(optimizer, theta, state,
+                                     losses_of(losses), k, num_phases)
     return theta, losses, state
 
   losses = jnp.zeros([num_phases], jnp.float32)

@@ -1,9 +1,9 @@
-"""HiZOO, HiZOO-L and MeZO: the public constructors, and the compact program.
+"""HiZOO, HiZOO-L and MeZO: the public constructors.
 
 :func:`scale_by_hizoo` and :func:`scale_by_mezo` check their options and
 build the estimator of the program :mod:`hizoo_jax.program` chooses: the
 plain one of :mod:`hizoo_jax.core.estimators` (the mathematics as written),
-or the compact one below (``_zo_estimator``), the same mathematics with the
+or :mod:`hizoo_jax.compact_estimator`, the same mathematics with the
 devices that shape its XLA:CPU program (shared kernels, small leaves drawn
 together, the curvature's sums in one loop, H as one vector, stored values).
 Each step evaluates the loss at theta and at ``theta +/- mu * s * z`` (z of
@@ -13,7 +13,6 @@ mean 0 and variance 1, nearly normal, regenerated and never stored:
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import jax
@@ -21,27 +20,13 @@ import jax.numpy as jnp
 import optax
 
 from hizoo_jax import _checks
-from hizoo_jax import _xla
-from hizoo_jax import curvature
-from hizoo_jax import evaluation
-from hizoo_jax import leaf_draws
-from hizoo_jax import rules
-from hizoo_jax import noise
-from hizoo_jax import range_sums
+from hizoo_jax import compact_estimator
 from hizoo_jax import program as _program
+from hizoo_jax import rules
 from hizoo_jax.core import estimators as core
 from hizoo_jax.core import rules as core_rules
-from hizoo_jax.zo_state import Perturbation, ZOState
 
 ScalarOrSchedule = float | jax.Array | optax.Schedule
-_OTHER_STRUCTURE = (
-    "params do not have the structure the optimizer state was initialised "
-    "with.")
-
-
-def _at_step(value: ScalarOrSchedule, count: jax.Array) -> jax.Array:
-  value = value(count) if callable(value) else value
-  return jnp.asarray(value, jnp.float32)
 
 
 def _zo_estimator(
@@ -59,14 +44,15 @@ def _zo_estimator(
     stacked=None,
     program=None,
 ) -> optax.GradientTransformationExtraArgs:
-  """HiZOO when ``estimator`` is given, MeZO when it is None."""
+  """HiZOO when ``estimator`` is given, MeZO when it is None: the options
+  checked once, then the estimator of the program :mod:`hizoo_jax.program`
+  chooses."""
   with_curvature = estimator is not None
-  rule = None
   if with_curvature:
     if estimator not in rules.RULES:
       raise ValueError(
           f"estimator must be one of {sorted(rules.RULES)}, got {estimator!r}.")
-    rule = rules.RULES[estimator]
+    rule = core_rules.RULES[estimator]
     if hessian_smooth is None:
       hessian_smooth = rule.default_rate
     if granularity is None:
@@ -77,10 +63,6 @@ def _zo_estimator(
           f"{rule.granularities}, got curvature={granularity!r}.")
   _checks.check_hyperparams(mu, hessian_smooth if with_curvature else None)
   _checks.check_key(key)
-  num_queries = _checks.static_int(num_queries, "num_queries", 1)
-  every = _checks.static_int(curvature_every, "curvature_every", 1)
-  min_dim = _checks.static_int(
-      min_dim_size_to_factor, "min_dim_size_to_factor", 1)
   param_dtype_h = isinstance(hessian_dtype, str) and hessian_dtype == "param"
   if param_dtype_h and estimator != "reference":
     raise ValueError(
@@ -89,213 +71,20 @@ def _zo_estimator(
   if with_curvature and not param_dtype_h and not jnp.issubdtype(
       hessian_dtype, jnp.floating):
     raise TypeError(f"hessian_dtype must be a float dtype, got {hessian_dtype}.")
-  if _program.resolve(program) == "plain":
-    config = core.Config(
-        mu=mu, num_queries=num_queries, mask=mask, key=key,
-        rule=core_rules.RULES[estimator] if with_curvature else None,
-        rate=hessian_smooth, granularity=granularity, min_dim=min_dim,
-        every=every, hessian_dtype=hessian_dtype, stacked=stacked)
-    return (core.hizoo_transform(config) if with_curvature
-            else core.mezo_transform(config))
-
-  def flatten(params):
-    """Leaves, paths, treedef and the trainable flag of every leaf."""
-    _checks.check_params(params)
-    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    paths = [p for p, _ in paths_leaves]
-    leaves = [x for _, x in paths_leaves]
-    trainable = _checks.trainable_leaves(mask, params, treedef, paths)
-    _checks.check_leaf_dtypes(leaves, paths, trainable)
-    return leaves, paths, treedef, trainable
-
-  def matrix_axes(shape, layers: bool):
-    """The (row, col) axes to factor over; a stacked leaf's layers never."""
-    if not layers:
-      return curvature.factored_axes(shape, min_dim)
-    axes = curvature.factored_axes(shape[1:], min_dim)
-    return None if axes is None else (axes[0] + 1, axes[1] + 1)
-
-  def init_fn(params):
-    leaves, paths, treedef, trainable = flatten(params)
-    hessian = stats = None
-    if with_curvature:
-      layers = _checks.stacked_leaves(stacked, params, treedef, paths)
-      hessian = rule.join([
-          rule.init(
-              jnp.shape(x), granularity,
-              matrix_axes(jnp.shape(x), layer),
-              jnp.result_type(x) if param_dtype_h else hessian_dtype,
-              noise.explicit_sharding(x), layer,
-          ) if keep else None
-          for x, keep, layer in zip(leaves, trainable, layers)
-      ], treedef, granularity)
-      stats = rule.init_stats()
-    def zero():  # A distinct buffer per field, so the state can be donated.
-      return jnp.zeros([], jnp.float32)
-
-    return ZOState(
-        count=jnp.zeros([], jnp.int32),
-        rng_key=noise.key_words(key),
-        leaf_numbers=treedef.unflatten(
-            [jnp.asarray(i, jnp.uint32) for i in range(len(leaves))]),
-        hessian=hessian,
-        curvature_stats=stats,
-        loss=zero(), loss_plus=zero(), loss_minus=zero(),
-        projected_grad=zero(),
-        skipped=jnp.zeros([], jnp.int32),
-    )
-
-  def curvature_leaves(state, treedef, leaves, paths, trainable):
-    if not with_curvature:
-      return [None] * len(leaves)
-    try:
-      hess = rule.split(state.hessian, treedef)
-    except (ValueError, TypeError) as e:
-      raise ValueError(_OTHER_STRUCTURE) from e
-    for h, x, path, keep in zip(rule.per_leaf(hess), leaves, paths,
-                                trainable):
-      if keep != (h is not None):
-        raise ValueError(
-            f"parameter {jax.tree_util.keystr(path)} is "
-            f"{'trainable' if keep else 'masked'} but its curvature state "
-            "says otherwise; was the state initialised with another mask?")
-      if keep and not rule.shapes_fit(h, jnp.shape(x)):
-        raise ValueError(
-            f"parameter {jax.tree_util.keystr(path)} has shape {jnp.shape(x)}"
-            f" but its curvature state has shapes "
-            f"{[jnp.shape(a) for a in jax.tree.leaves(h)]}; was the state "
-            "initialised with other params or another estimator?")
-    return hess
-
-  def carry_state(state, carried):  # Perturbation.carry_state
-    return state._replace(hessian=rule.carried_form(
-        state.hessian, state.leaf_numbers, carried))
-
-  def leaf_numbers(state, treedef):
-    try:
-      return treedef.flatten_up_to(state.leaf_numbers)
-    except (ValueError, TypeError) as e:
-      raise ValueError(_OTHER_STRUCTURE) from e
-
-  def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-    del updates  # Zeroth order: the incoming updates are not used.
-    leaves, paths, treedef, trainable = flatten(params)
-    numbers = leaf_numbers(state, treedef)
-    hess = curvature_leaves(state, treedef, leaves, paths, trainable)
-    mu_t = _at_step(mu, state.count)
-    probe = (state.count % every) == 0
-    mu_t, valid = _checks.step_hyperparams(
-        mu_t, hessian_smooth if with_curvature else None, state.count)
-
-    # Every leaf's seed for every query: (q, leaves, 2), one small vector op.
-    zero = (state.count >> 31).astype(jnp.uint32)  # 0; XLA cannot prove it.
-    seeds = _xla.computed_once(noise.leaf_seeds(
-        state.rng_key, state.count,
-        jnp.arange(num_queries, dtype=jnp.uint32)[:, None], paths), zero)
-
-    draw = leaf_draws.leaf_draws(seeds, numbers, leaves, trainable, zero)
-    # Inside hz.make_train_step's loop this update runs on every phase and
-    # is kept on the last (zo_final): its draws then share the moves' fusion.
-    final = extra_args.get("zo_final")
-    # The curvature's sums of z are needed only where H moves and the result
-    # is kept.
-    # One draw per query for the rule's sums (queries are ints there): a
-    # group of small leaves is then drawn once, not once per leaf.
-    at_query = [draw.at(j) for j in range(num_queries)]
-    draws = noise.Draws(z=lambda i, j, order=None: at_query[j](i, order),
-                        zero=zero, seeds=seeds,
-                        active=probe if final is None else probe & final)
-
-    @functools.cache
-    def scale():  # H^{-1/2}, traced only if a shift is taken.
-      return rule.inv_sqrt(hess, numbers)
-
-    def shift(tree, coeff, query):
-      def step(zs, which):
-        out = (coeff * mu_t) * zs[0]
-        if with_curvature:
-          out = out * scale()(which)
-        return out
-      out = treedef.flatten_up_to(tree)
-      for i, delta in enumerate(draw.values(step, [query])):
-        if delta is not None:
-          dtype = jnp.promote_types(out[i].dtype, jnp.float32)
-          out[i] = (out[i].astype(dtype) + delta).astype(out[i].dtype)
-      return treedef.unflatten(out)
-
-    zo_probe = extra_args.get("zo_probe")
-    if zo_probe is not None:
-      # Sums over rows or columns are noise passes of their own, except in
-      # the signed rule's loop of sums (one device; hizoo_jax.range_sums).
-      light = (not with_curvature or granularity == "tensor"
-               or (estimator == "signed" and range_sums.in_one_loop()))
-      zo_probe.perturbation = Perturbation(
-          shift, num_queries, with_curvature, every, light,
-          carry_state if with_curvature else None)
-      return jax.tree.map(jnp.zeros_like, params), state
-
-    center, plus, minus = evaluation.losses(
-        params, shift, value_fn, extra_args, num_queries,
-        with_curvature, probe if every > 1 else None)
-    grad = (plus - minus) / (2 * mu_t)  # (q,); finite losses may overflow it
-    finite = jnp.all(jnp.isfinite(grad))
-    finite &= valid  # A schedule or injected value out of range: skip.
-    if with_curvature:
-      finite &= jnp.all(jnp.isfinite(
-          ((plus - center) + (minus - center)) / (2 * mu_t**2))) | ~probe
-    grad_used = _xla.computed_once(
-        jnp.where(finite, grad, 0.0).astype(jnp.float32), zero)
-
-    new_hess, new_stats = hess, None
-    if with_curvature:
-      measured = finite & probe
-      rate = _at_step(hessian_smooth, state.count)
-      # (l+ - l0) + (l- - l0): each difference is exact in float32 when the
-      # losses are within a factor 2, unlike l+ + l- - 2 l0.
-      second = jnp.where(measured, (plus - center) + (minus - center), 0.0)
-      second = (second / (2 * mu_t**2)).astype(jnp.float32)  # (q,)
-      new_hess, new_stats, new_scale = rule.update(
-          hess, state.curvature_stats, second, draws,
-          [jnp.shape(x) for x in leaves], rate, measured, numbers)
-
-    def direction(zs, which):
-      out = sum(grad_used[j] * zs[j] for j in range(num_queries))
-      out = out / num_queries
-      if with_curvature:
-        out = out * new_scale(which)
-      return out
-
-    # Salted after the new H, the draw is never merged with the moves'
-    # draws (XLA would store z), unless they share a fusion (zo_final).
-    after = None
-    if with_curvature and final is None:
-      after = lambda i: rule.last_array(new_hess, i)
-    directions = draw.values(direction, range(num_queries), after)
-    out = [jnp.zeros_like(x) if d is None else d.astype(x.dtype)
-           for x, d in zip(leaves, directions)]
-
-    plus_mean, minus_mean = jnp.mean(plus), jnp.mean(minus)
-    side_mean = (plus_mean + minus_mean) / 2
-    if with_curvature:
-      loss = jnp.where(probe, center, side_mean)
-    else:
-      loss = side_mean
-    new_state = ZOState(
-        count=optax.safe_increment(state.count),
-        rng_key=state.rng_key,
-        leaf_numbers=state.leaf_numbers,
-        hessian=(rule.store(new_hess, treedef, numbers) if with_curvature
-                 else None),
-        curvature_stats=new_stats,
-        loss=loss.astype(jnp.float32),
-        loss_plus=plus_mean.astype(jnp.float32),
-        loss_minus=minus_mean.astype(jnp.float32),
-        projected_grad=jnp.mean(grad).astype(jnp.float32),
-        skipped=state.skipped + (~finite).astype(jnp.int32),
-    )
-    return treedef.unflatten(out), new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  config = core.Config(
+      mu=mu, mask=mask, key=key,
+      num_queries=_checks.static_int(num_queries, "num_queries", 1),
+      rule=core_rules.RULES[estimator] if with_curvature else None,
+      rate=hessian_smooth, granularity=granularity,
+      min_dim=_checks.static_int(
+          min_dim_size_to_factor, "min_dim_size_to_factor", 1),
+      every=_checks.static_int(curvature_every, "curvature_every", 1),
+      hessian_dtype=hessian_dtype, stacked=stacked)
+  if _program.resolve(program) == "compact":
+    return compact_estimator.transform(
+        config, rules.RULES[estimator] if with_curvature else None)
+  return (core.hizoo_transform(config) if with_curvature
+          else core.mezo_transform(config))
 
 
 def scale_by_hizoo(

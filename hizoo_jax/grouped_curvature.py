@@ -141,6 +141,55 @@ def _inv_sqrt_reader(vector, joined: list, hess: list, numbers: list):
       numbers)
 
 
+def _sums(draw, hess: list, live: list, shapes, num_queries: int):
+  """``(sums, norm_sq)``: per (leaf, factor), the group sums of z^2 - 1,
+  shape (q, *factor shape); and (q,) sum(z^2) over every coordinate."""
+  dim = float(sum(np.prod(shapes[i]) for i in live))
+  # HiZOO-L's second per-tensor factor of a non-matrix leaf has the same
+  # groups as its first: same sums. In one loop they are drawn again (a few
+  # rows), so that the sums come out in the vector's order, one array: the
+  # copies made a slice kernel per leaf and a concatenation.
+  one_loop = range_sums.in_one_loop()
+  own = [(i, k) for i in live for k, f in enumerate(hess[i])
+         if one_loop or not (k and f.shape == hess[i][0].shape)]
+  sums = dict(zip(own, range_sums.group_sums(
+      draw, [(i, joined_factors.shared_axes(hess[i][k].shape, shapes[i]))
+             for i, k in own],
+      shapes, lambda z: jnp.square(z) - 1.0)))
+  for i in live:
+    for k in range(1, len(hess[i])):
+      sums.setdefault((i, k), sums[i, 0])
+  # Each leaf's first factor's groups cover every coordinate. Drawn in one
+  # loop, one sum of them all (leaf by leaf, a kernel per leaf).
+  if one_loop:
+    first = np.concatenate([np.full(sums[i, k].size // num_queries, k == 0)
+                            for i, k in own])
+    return sums, dim + jnp.sum(jnp.where(first, jnp.concatenate(
+        [sums[key].reshape(num_queries, -1) for key in own], axis=1), 0.0),
+                                 axis=1)
+  # On a mesh, leaf by leaf, each sharded like its leaf; summed over the
+  # factor's axes, not reshaped to (q, -1): on an Explicit mesh a reshape
+  # that merges a sharded axis is a type error.
+  return sums, dim + sum(
+      jnp.sum(sums[i, 0], axis=tuple(range(1, sums[i, 0].ndim)))
+      for i in live)
+
+
+def _log_step(residual, rate, num_queries: int):
+  """``moved(h, z2, n, num)``: factors ``h`` after one log step, from their
+  groups' sums ``z2`` of z^2 - 1, coordinates per group ``n`` and the leaf's
+  number of factors ``num`` (the module docstring of the core rule)."""
+  y, safe_lam, safe_v, usable = residual
+
+  def moved(h, z2, n, num):
+    y_b = jnp.reshape(y, (num_queries,) + (1,) * h.ndim)
+    rho = jnp.mean(z2 * y_b, axis=0) / (n * safe_lam)
+    gain = rate / num * jnp.minimum(1.0, n / (2.0 * safe_v))
+    step = jnp.where(usable, jnp.clip(gain * rho, -CLIP, CLIP), 0.0)
+    return (h * jnp.exp(step)).astype(h.dtype)
+  return moved
+
+
 def update(factors: Factors, stats: GroupedStats, second: jax.Array, draw,
            shapes, rate: jax.Array, probe: jax.Array, numbers: list):
   """The new factors and statistics after one step (see the module docstring).
@@ -168,39 +217,11 @@ def update(factors: Factors, stats: GroupedStats, second: jax.Array, draw,
   if not live:  # nothing is trained: nothing to learn
     return factors, stats, inv_sqrt(factors, numbers)
   dim = float(sum(np.prod(shapes[i]) for i in live))
-  # The group sums of (z^2 - 1), shape (q, *factor shape), per leaf and
-  # factor. HiZOO-L's second per-tensor factor of a non-matrix leaf has the
-  # same groups as its first: same sums. In one loop they are drawn again
-  # (a few rows), so that the sums come out in the vector's order, one
-  # array: the copies made a slice kernel per leaf and a concatenation.
-  one_loop = range_sums.in_one_loop()
-  own = [(i, k) for i in live for k, f in enumerate(hess[i])
-         if one_loop or not (k and f.shape == hess[i][0].shape)]
-  sums = dict(zip(own, range_sums.group_sums(
-      draw, [(i, joined_factors.shared_axes(hess[i][k].shape, shapes[i]))
-             for i, k in own],
-      shapes, lambda z: jnp.square(z) - 1.0)))
-  for i in live:
-    for k in range(1, len(hess[i])):
-      sums.setdefault((i, k), sums[i, 0])
-  # sum(z^2) over every coordinate: each leaf's first factor's groups.
-  # Drawn in one loop, one sum of them all (leaf by leaf, a kernel per
-  # leaf); on a mesh, leaf by leaf, each sharded like its leaf.
-  if one_loop:
-    first = np.concatenate([np.full(sums[i, k].size // num_queries, k == 0)
-                            for i, k in own])
-    norm_sq = dim + jnp.sum(jnp.where(first, jnp.concatenate(
-        [sums[key].reshape(num_queries, -1) for key in own], axis=1), 0.0),
-                            axis=1)
-  else:
-    # Summed over the factor's axes, not reshaped to (q, -1): on an
-    # Explicit mesh a reshape that merges a sharded axis is a type error.
-    norm_sq = dim + sum(
-        jnp.sum(sums[i, 0], axis=tuple(range(1, sums[i, 0].ndim)))
-        for i in live)
-
-  y, safe_lam, safe_v, usable = _xla.computed_once(
+  sums, norm_sq = _sums(draw, hess, live, shapes, num_queries)
+  residual = _xla.computed_once(
       signed_rule.residual(stats, second, norm_sq, dim, probe), draw.zero)
+  moved = _log_step(residual, rate, num_queries)
+  usable = residual[3]
 
   # The factors as one vector: the rule is a few vector operations, where
   # factor by factor it was a few dozen instructions and several tiny
@@ -214,18 +235,11 @@ def update(factors: Factors, stats: GroupedStats, second: jax.Array, draw,
                      [hess[i][k].size for i, k in joined])
   def coords(i, k):  # coordinates per group
     return np.float32(np.prod(shapes[i]) / hess[i][k].size)
-  def moved(h, z2, n, num):  # one log step (the module docstring)
-    y_b = jnp.reshape(y, (num_queries,) + (1,) * h.ndim)
-    rho = jnp.mean(z2 * y_b, axis=0) / (n * safe_lam)
-    gain = rate / num * jnp.minimum(1.0, n / (2.0 * safe_v))
-    step = jnp.where(usable, jnp.clip(gain * rho, -CLIP, CLIP), 0.0)
-    return (h * jnp.exp(step)).astype(h.dtype)
 
-  new = {}
+  new, h = {}, None
   if joined:
     n = per_entry([coords(i, k) for i, k in joined])
     num = per_entry([len(hess[i]) for i, k in joined])
-    dtype = factors.vector.dtype
     h = moved(factors.vector,
               jnp.concatenate([sums[key].reshape(num_queries, -1)
                                for key in joined], axis=1), n, num)
@@ -254,8 +268,8 @@ def update(factors: Factors, stats: GroupedStats, second: jax.Array, draw,
     return jnp.maximum(jnp.where(first, h / mean_h, h), FLOOR ** (1 / num))
   if joined:
     first = per_entry([k == 0 for _, k in joined]) > 0
-    h = _xla.computed_once(normalised(h, first, num).astype(dtype),
-                           draw.zero)  # read by all
+    h = _xla.computed_once(normalised(h, first, num).astype(
+        factors.vector.dtype), draw.zero)  # read by all
   for i, k in apart:
     new[i, k] = normalised(new[i, k], k == 0, len(hess[i]))
   new_hess = [None if hess[i] is None else tuple(
@@ -263,9 +277,6 @@ def update(factors: Factors, stats: GroupedStats, second: jax.Array, draw,
       for k, f in enumerate(hess[i])) for i in range(len(hess))]
   # The new vector's pieces for the state are read in store (or, in the
   # step's loop, the vector is the state).
-  new_inv_sqrt = _inv_sqrt_reader(h if joined else None, joined, new_hess,
-                                  numbers)
-
-  new_stats = signed_rule.next_stats(stats, second, y, safe_lam, dim, probe)
-  return (Factors(new_hess, h if joined else None, factors.carried),
-          new_stats, new_inv_sqrt)
+  new_stats = signed_rule.next_stats(stats, second, *residual[:2], dim, probe)
+  return (Factors(new_hess, h, factors.carried), new_stats,
+          _inv_sqrt_reader(h, joined, new_hess, numbers))
