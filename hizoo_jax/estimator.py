@@ -1,11 +1,11 @@
 """HiZOO, HiZOO-L and MeZO: the public constructors.
 
 :func:`scale_by_hizoo` and :func:`scale_by_mezo` check their options and
-build the estimator of the program :mod:`hizoo_jax.program` chooses: the
-plain one of :mod:`hizoo_jax.core.estimators` (the mathematics as written),
-or :mod:`hizoo_jax.compact_estimator`, the same mathematics with the
-devices that shape its XLA:CPU program (shared kernels, small leaves drawn
-together, the curvature's sums in one loop, H as one vector, stored values).
+build the estimators of :mod:`hizoo_jax.core.estimators` (the mathematics,
+stated once) on the program :mod:`hizoo_jax.program` chooses: plain, or
+compact (:mod:`hizoo_jax.compact`: the devices that shape the XLA:CPU
+program, shared kernels, small leaves drawn together, the curvature's sums in
+one loop, H as one vector, stored values).
 Each step evaluates the loss at theta and at ``theta +/- mu * s * z`` (z of
 mean 0 and variance 1, nearly normal, regenerated and never stored:
 :mod:`hizoo_jax.noise`); MeZO uses ``s = 1``, HiZOO ``s = H^{-1/2}``.
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from hizoo_jax import _checks
-from hizoo_jax import compact_estimator
+from hizoo_jax import compact
 from hizoo_jax import program as _program
 from hizoo_jax import rules
 from hizoo_jax.core import estimators as core
@@ -71,20 +71,20 @@ def _zo_estimator(
   if with_curvature and not param_dtype_h and not jnp.issubdtype(
       hessian_dtype, jnp.floating):
     raise TypeError(f"hessian_dtype must be a float dtype, got {hessian_dtype}.")
+  compact_program = _program.resolve(program) == "compact"
+  table = rules.RULES if compact_program else core_rules.RULES
   config = core.Config(
       mu=mu, mask=mask, key=key,
       num_queries=_checks.static_int(num_queries, "num_queries", 1),
-      rule=core_rules.RULES[estimator] if with_curvature else None,
+      rule=table[estimator] if with_curvature else None,
       rate=hessian_smooth, granularity=granularity,
       min_dim=_checks.static_int(
           min_dim_size_to_factor, "min_dim_size_to_factor", 1),
       every=_checks.static_int(curvature_every, "curvature_every", 1),
       hessian_dtype=hessian_dtype, stacked=stacked)
-  if _program.resolve(program) == "compact":
-    return compact_estimator.transform(
-        config, rules.RULES[estimator] if with_curvature else None)
-  return (core.hizoo_transform(config) if with_curvature
-          else core.mezo_transform(config))
+  implementation = compact.PROGRAM if compact_program else core.PLAIN
+  return (core.hizoo_transform(config, implementation) if with_curvature
+          else core.mezo_transform(config, implementation))
 
 
 def scale_by_hizoo(

@@ -190,32 +190,29 @@ def _log_step(residual, rate, num_queries: int):
   return moved
 
 
-def update(factors: Factors, stats: GroupedStats, second: jax.Array, draw,
-           shapes, rate: jax.Array, probe: jax.Array, numbers: list):
+def update(factors: Factors, stats: GroupedStats, second: jax.Array,
+           leaves, rate: jax.Array, probe: jax.Array):
   """The new factors and statistics after one step (see the module docstring).
 
   Args:
     factors: H (:func:`split`).
     stats: the running statistics.
-    second: (q,) float32, ``D_j / (2 mu^2)`` for each query.
-    draw: a :class:`hizoo_jax.noise.Draws`; ``draw.z(i, j, order)`` is z of
-      leaf i and query j, drawn afresh (salted by ``order``); on one device
-      the sums of z^2 draw from ``draw.seeds`` in one loop
-      (:mod:`hizoo_jax.range_sums`).
-    shapes: the leaves' shapes.
+    second: (q,) float32, ``q`` of each query.
+    leaves: the step's :class:`hizoo_jax.compact.Leaves`; its ``draws`` give
+      z of leaf i and query j afresh, and on one device the sums of z^2 draw
+      from their seeds in one loop (:mod:`hizoo_jax.range_sums`).
     rate: the largest gain of log H per step.
     probe: bool, whether this step measured the curvature (else nothing moves).
-    numbers: the leaves' numbers (:func:`hizoo_jax._xla.at_leaf`).
 
   Returns:
-    ``(new factors, new stats, read)``, ``read`` H^{-1/2} of the new H as
-    from :func:`inv_sqrt`.
+    ``(new factors, new stats)``.
   """
-  hess = factors.per_leaf
+  hess, draw, numbers = factors.per_leaf, leaves.draws, leaves.numbers
+  shapes = [jnp.shape(x) for x in leaves.values]
   num_queries = second.shape[0]
   live = [i for i, h in enumerate(hess) if h is not None]
   if not live:  # nothing is trained: nothing to learn
-    return factors, stats, inv_sqrt(factors, numbers)
+    return factors, stats
   dim = float(sum(np.prod(shapes[i]) for i in live))
   sums, norm_sq = _sums(draw, hess, live, shapes, num_queries)
   residual = _xla.computed_once(
@@ -278,5 +275,4 @@ def update(factors: Factors, stats: GroupedStats, second: jax.Array, draw,
   # The new vector's pieces for the state are read in store (or, in the
   # step's loop, the vector is the state).
   new_stats = signed_rule.next_stats(stats, second, *residual[:2], dim, probe)
-  return (Factors(new_hess, h, factors.carried), new_stats,
-          _inv_sqrt_reader(h, joined, new_hess, numbers))
+  return Factors(new_hess, h, factors.carried), new_stats

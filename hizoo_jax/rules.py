@@ -34,8 +34,8 @@ class Rule(NamedTuple):
   # H^{-1/2} of leaf `which` broadcastable to it, or of a tuple of
   # same-shaped leaves stacked (hizoo_jax.leaf_draws).
   inv_sqrt: Callable[[Any, list], Callable]
-  update: Callable  # (hess, stats, second, draws, shapes, rate, probe,
-  # numbers) -> (new hess, new stats, inv_sqrt's read of the new hess)
+  update: Callable  # (hess, stats, second, leaves: hizoo_jax.compact.Leaves,
+  # rate, probe) -> (new hess, new stats)
   last_array: Callable[[Any, int], jax.Array]  # (hess, leaf): what the
   # update's z of that leaf waits for.
   shapes_fit: Callable[[Any, tuple], bool]  # (a leaf's H, leaf shape)
@@ -48,6 +48,7 @@ class Rule(NamedTuple):
   # (init); the number of trees follows the granularity, not the leaves.
   carried_form: Callable  # (state.hessian, state.leaf_numbers, carried)
   # -> the form hz.make_train_step's loop carries (carried) or the state's.
+  layout: str  # the state's form of H, as hizoo_jax.core.rules.Rule.layout.
 
 
 def _paper_init(shape, granularity, axes, dtype, sharding, stacked):
@@ -74,11 +75,9 @@ def _paper_inv_sqrt(hess, numbers):
   return functools.partial(leaf_draws.pick, roots)
 
 
-def _paper_update(reference, hess, stats, second, draws, shapes, rate, probe,
-                  numbers):
-  new, stats = curvature.paper_update(reference, hess, stats, second, draws,
-                                      shapes, rate, probe)
-  return new, stats, _paper_inv_sqrt(new, numbers)
+def _paper_update(reference, hess, stats, second, leaves, rate, probe):
+  return curvature.paper_update(reference, hess, stats, second, leaves.draws,
+                                None, rate, probe)
 
 
 def _paper_store(hess, treedef, numbers):
@@ -100,7 +99,8 @@ def _paper_rule(reference):
       per_leaf=lambda hess: hess,
       store=_paper_store,
       join=_paper_join,
-      carried_form=lambda hessian, numbers, carried: hessian)
+      carried_form=lambda hessian, numbers, carried: hessian,
+      layout="leaves")
 
 
 RULES = {
@@ -119,7 +119,8 @@ RULES = {
         join=lambda per_leaf, treedef, granularity: grouped_curvature.join(
             per_leaf, treedef,
             count=grouped_curvature.num_factors(granularity)),
-        carried_form=grouped_curvature.carried_form),
+        carried_form=grouped_curvature.carried_form,
+        layout="factors"),
     "paper": _paper_rule(False),
     "reference": _paper_rule(True),
 }

@@ -19,7 +19,7 @@ The public constructors with their options are
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -55,30 +55,41 @@ def at_step(value, count) -> jax.Array:
   return jnp.asarray(value(count) if callable(value) else value, jnp.float32)
 
 
-def new_state(words, hessian=None, stats=None) -> ZOState:
+def new_state(words, hessian=None, stats=None, leaf_numbers=None) -> ZOState:
   def zero():  # a distinct buffer per field, so the state can be donated.
     return jnp.zeros([], jnp.float32)
   return ZOState(count=jnp.zeros([], jnp.int32), rng_key=words,
-                 leaf_numbers=None, hessian=hessian, curvature_stats=stats,
+                 leaf_numbers=leaf_numbers, hessian=hessian,
+                 curvature_stats=stats,
                  loss=zero(), loss_plus=zero(), loss_minus=zero(),
                  projected_grad=zero(), skipped=jnp.zeros([], jnp.int32))
 
 
-def probe_or_losses(scheme, leaves, params, move, value_fn, extra, count):
+def plain_perturbation(config, scheme, leaves, move) -> Perturbation:
+  """The lean step's Perturbation: the scheme's points as data, walked with
+  ``move`` (:mod:`hizoo_jax.scheme_walk`)."""
+  del config, leaves  # all in the scheme and the move
+  return Perturbation(
+      shift=None, num_queries=scheme.num_queries,
+      evaluates_center=bool((scheme.points[0] == 0).all()),
+      center_every=int(scheme.every[0]), light_update=False,
+      scheme=scheme, move=move)
+
+
+def probe_or_losses(scheme, leaves, params, move, value_fn, extra, count,
+                    perturbation: Callable = plain_perturbation,
+                    config=None):
   """The (P,) losses of the step, or the Perturbation for the lean step.
 
   ``move(tree, coeffs, queries)`` returns ``tree + mu s sum_t coeffs[t]
   z_{queries[t]}`` (a point's or a move's terms, :func:`schemes.sparse`). Inside
   :func:`hizoo_jax.make_train_step` (``zo_probe``), the step's Perturbation
-  is recorded and None returned; losses it measured come as ``zo_losses``.
+  (``perturbation(config, scheme, leaves, move)``) is recorded and None
+  returned; losses it measured come as ``zo_losses``.
   """
   probe = extra.get("zo_probe")
   if probe is not None:
-    probe.perturbation = Perturbation(
-        shift=None, num_queries=scheme.num_queries,
-        evaluates_center=bool((scheme.points[0] == 0).all()),
-        center_every=int(scheme.every[0]), light_update=False,
-        scheme=scheme, move=move)
+    probe.perturbation = perturbation(config, scheme, leaves, move)
     return None
   given = extra.get("zo_losses")
   if given is not None:
@@ -88,36 +99,85 @@ def probe_or_losses(scheme, leaves, params, move, value_fn, extra, count):
         "zeroth-order estimators need the loss: call update(updates, state, "
         "params, value_fn=lambda p: loss(p, batch)).")
   kwargs = _checks.value_fn_kwargs(value_fn, extra)
-  return schemes.losses(scheme, lambda *terms: _checks.check_loss(
-      value_fn(move(params, *terms), **kwargs), "a point of the step"),
-      count)
+
+  def loss_at(coeffs, queries):
+    point = params if coeffs is None else move(params, coeffs, queries)
+    return _checks.check_loss(value_fn(point, **kwargs), "a point of the step")
+  return schemes.losses(scheme, loss_at, count)
 
 
-def mezo_transform(config: Config) -> optax.GradientTransformationExtraArgs:
-  """MeZO's estimator from validated options (the plain program)."""
+class Program(NamedTuple):
+  """How the estimators reach the leaves: one side of the boundary.
+
+  The estimators below state the mathematics; a program maps it over the
+  leaves. :data:`PLAIN` is :mod:`hizoo_jax.core.leafwise` (``jax.tree.map``
+  style, trusting XLA); :mod:`hizoo_jax.compact` shapes the XLA:CPU program.
+  ``H`` and ``s`` are in the program's own form; only its own members read
+  them.
+  """
+
+  leaves_of: Callable  # (params, config, state, extra) -> the step's leaves
+  # and noise (the boundary's Leaves).
+  hessian: Callable  # (config, state.hessian, leaves) -> H, checked.
+  store: Callable  # (config, H, leaves) -> state.hessian.
+  scales: Callable  # (config, H, leaves) -> s = H^{-1/2}.
+  perturb: Callable  # (leaves, tree, coeffs, queries, mu, s) -> tree + mu
+  # s sum_t coeffs[t] z_{queries[t]} on the trainable leaves.
+  combine: Callable  # (leaves, coeffs (q,), s) -> s sum_j coeffs[j] z_j, a
+  # tree like params (zeros on frozen leaves).
+  perturbation: Callable  # (config, scheme, leaves, move) -> the lean
+  # step's Perturbation.
+  leaf_numbers: Callable  # (treedef, number of leaves) -> state.leaf_numbers.
+
+
+def _plain_leaves(params, config, state, extra):
+  del extra  # the plain program draws the same way in every context
+  return leafwise.leaves_of(params, config.mask, state.rng_key, state.count,
+                            config.num_queries)
+
+
+def _plain_scales(config, hess, leaves):
+  del leaves
+  return [None if h is None else config.rule.inv_sqrt(h) for h in hess]
+
+
+PLAIN = Program(
+    leaves_of=_plain_leaves,
+    hessian=lambda config, hessian, leaves: _from_state(
+        config.rule, hessian, leaves),
+    store=lambda config, hess, leaves: _to_state(config, hess,
+                                                 leaves.treedef),
+    scales=_plain_scales, perturb=leafwise.perturb, combine=leafwise.combine,
+    perturbation=plain_perturbation,
+    leaf_numbers=lambda treedef, n: None)
+
+
+def mezo_transform(config: Config, program: Program = PLAIN
+                   ) -> optax.GradientTransformationExtraArgs:
+  """MeZO's estimator from validated options."""
   scheme = schemes.central(config.num_queries)
 
   def init_fn(params):
-    leafwise.leaves_of(params, config.mask, noise.key_words(config.key),
-                       jnp.zeros([], jnp.int32), 1)  # checks the params
-    return new_state(noise.key_words(config.key))
+    leaves = leafwise.leaves_of(params, config.mask, noise.key_words(
+        config.key), jnp.zeros([], jnp.int32), 1)  # checks the params
+    return new_state(noise.key_words(config.key), leaf_numbers=(
+        program.leaf_numbers(leaves.treedef, len(leaves.values))))
 
   def update_fn(updates, state, params=None, *, value_fn=None, **extra):
     del updates  # zeroth order: the incoming updates are not used.
-    leaves = leafwise.leaves_of(params, config.mask, state.rng_key,
-                                state.count, config.num_queries)
+    leaves = program.leaves_of(params, config, state, extra)
     mu, valid = _checks.step_hyperparams(
         at_step(config.mu, state.count), None, state.count)
-    move = lambda tree, c, q: leafwise.perturb(leaves, tree, c, q, mu)
+    move = lambda tree, c, q: program.perturb(leaves, tree, c, q, mu, None)
     losses = probe_or_losses(scheme, leaves, params, move, value_fn, extra,
-                             state.count)
+                             state.count, program.perturbation, config)
     if losses is None:
       return jax.tree.map(jnp.zeros_like, params), state
     _, plus, minus = schemes.split_losses(scheme, losses)
     g = (plus - minus) / (2 * mu)  # (q,); finite losses may overflow it
     finite = jnp.all(jnp.isfinite(g)) & valid
-    direction = leafwise.combine(
-        leaves, jnp.where(finite, g, 0.0) / config.num_queries)
+    direction = program.combine(
+        leaves, jnp.where(finite, g, 0.0) / config.num_queries, None)
     side = (jnp.mean(plus) + jnp.mean(minus)) / 2
     return direction, stepped(state, finite, side, plus, minus, g)
 
@@ -135,8 +195,9 @@ def stepped(state, finite, loss, plus, minus, g, **changes) -> ZOState:
       skipped=state.skipped + (~finite).astype(jnp.int32), **changes)
 
 
-def hizoo_transform(config: Config) -> optax.GradientTransformationExtraArgs:
-  """HiZOO's estimator from validated options (the plain program)."""
+def hizoo_transform(config: Config, program: Program = PLAIN
+                    ) -> optax.GradientTransformationExtraArgs:
+  """HiZOO's estimator from validated options."""
   rule, q = config.rule, config.num_queries
   scheme = schemes.central(q, center_every=config.every)
 
@@ -148,21 +209,21 @@ def hizoo_transform(config: Config) -> optax.GradientTransformationExtraArgs:
                                     leaves.paths)
     hess = [_init_leaf(config, x, layer) if keep else None
             for x, keep, layer in zip(leaves.values, leaves.trainable, layers)]
-    return new_state(noise.key_words(config.key),
-                     _to_state(config, hess, leaves.treedef),
-                     rule.init_stats())
+    return new_state(
+        noise.key_words(config.key), _to_state(config, hess, leaves.treedef),
+        rule.init_stats(),
+        program.leaf_numbers(leaves.treedef, len(leaves.values)))
 
   def update_fn(updates, state, params=None, *, value_fn=None, **extra):
     del updates  # zeroth order: the incoming updates are not used.
-    leaves = leafwise.leaves_of(params, config.mask, state.rng_key,
-                                state.count, q)
-    hess = _from_state(rule, state.hessian, leaves)
+    leaves = program.leaves_of(params, config, state, extra)
+    hess = program.hessian(config, state.hessian, leaves)
     mu, valid = _checks.step_hyperparams(
         at_step(config.mu, state.count), config.rate, state.count)
-    scales = [None if h is None else rule.inv_sqrt(h) for h in hess]
-    move = lambda tree, c, q: leafwise.perturb(leaves, tree, c, q, mu, scales)
+    scales = program.scales(config, hess, leaves)  # s = H^{-1/2}
+    move = lambda tree, c, q: program.perturb(leaves, tree, c, q, mu, scales)
     losses = probe_or_losses(scheme, leaves, params, move, value_fn, extra,
-                             state.count)
+                             state.count, program.perturbation, config)
     if losses is None:
       return jax.tree.map(jnp.zeros_like, params), state
     center, plus, minus = schemes.split_losses(scheme, losses)
@@ -177,13 +238,12 @@ def hizoo_transform(config: Config) -> optax.GradientTransformationExtraArgs:
     new_hess, stats = rule.update(
         hess, state.curvature_stats, jnp.where(measured, second, 0.0), leaves,
         at_step(config.rate, state.count), measured)
-    new_scales = [None if h is None else rule.inv_sqrt(h) for h in new_hess]
-    direction = leafwise.combine(leaves, jnp.where(finite, g, 0.0) / q,
-                                 new_scales)
+    direction = program.combine(leaves, jnp.where(finite, g, 0.0) / q,
+                                program.scales(config, new_hess, leaves))
     loss = jnp.where(probe, center, (jnp.mean(plus) + jnp.mean(minus)) / 2)
     return direction, stepped(
         state, finite, loss, plus, minus, g, curvature_stats=stats,
-        hessian=_to_state(config, new_hess, leaves.treedef))
+        hessian=program.store(config, new_hess, leaves))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -225,13 +285,18 @@ def _from_state(rule: rules.Rule, hessian, leaves: leafwise.Leaves) -> list:
   except (ValueError, TypeError) as e:
     raise ValueError("params do not have the structure the optimizer state "
                      "was initialised with.") from e
-  out = []
+  per_leaf = [None if isinstance(h[0] if isinstance(h, tuple) and h else h,
+                                 optax.MaskedNode) else h for h in per_leaf]
+  check_hessian(rule, per_leaf, leaves)
+  return per_leaf
+
+
+def check_hessian(rule, per_leaf: list, leaves) -> None:
+  """Raises where a leaf's H (None: frozen) does not fit the params."""
   for h, x, path, keep in zip(per_leaf, leaves.values, leaves.paths,
                               leaves.trainable):
-    first = h[0] if isinstance(h, tuple) and h else h  # "factors": a tuple
-    frozen = isinstance(first, optax.MaskedNode)
     where = jax.tree_util.keystr(path)
-    if keep == frozen:
+    if keep != (h is not None):
       raise ValueError(
           f"parameter {where} is {'trainable' if keep else 'masked'} but its "
           "curvature state says otherwise; was the state initialised with "
@@ -241,5 +306,3 @@ def _from_state(rule: rules.Rule, hessian, leaves: leafwise.Leaves) -> list:
           f"parameter {where} has shape {jnp.shape(x)} but its curvature "
           f"state has shapes {[jnp.shape(a) for a in jax.tree.leaves(h)]}; "
           "was the state initialised with other params or another estimator?")
-    out.append(None if frozen else h)
-  return out

@@ -59,6 +59,18 @@ class Leaves(NamedTuple):
     return self.treedef.flatten_up_to(tree)
 
 
+def checked_leaves(params, mask):
+  """``(values, paths, treedef, trainable)`` of ``params``, checked: a tree
+  of arrays whose trainable leaves (``mask``, None: all float leaves) are
+  floats."""
+  _checks.check_params(params)
+  pairs, treedef = jax.tree_util.tree_flatten_with_path(params)
+  paths, values = [p for p, _ in pairs], [x for _, x in pairs]
+  trainable = _checks.trainable_leaves(mask, params, treedef, paths)
+  _checks.check_leaf_dtypes(values, paths, trainable)
+  return values, paths, treedef, trainable
+
+
 def leaves_of(params, mask, words: jax.Array, count: jax.Array,
               num_queries: int, sample: Sample = noise.gaussian) -> Leaves:
   """The :class:`Leaves` of ``params`` at step ``count``.
@@ -72,11 +84,7 @@ def leaves_of(params, mask, words: jax.Array, count: jax.Array,
     num_queries: independent draws of z per step.
     sample: the distribution of z, from the generator's seeds.
   """
-  _checks.check_params(params)
-  pairs, treedef = jax.tree_util.tree_flatten_with_path(params)
-  paths, values = [p for p, _ in pairs], [x for _, x in pairs]
-  trainable = _checks.trainable_leaves(mask, params, treedef, paths)
-  _checks.check_leaf_dtypes(values, paths, trainable)
+  values, paths, treedef, trainable = checked_leaves(params, mask)
   seeds = noise.leaf_seeds(
       words, count, jnp.arange(num_queries, dtype=jnp.uint32)[:, None], paths)
   zero = (jnp.asarray(count) >> 31).astype(jnp.uint32)  # count >= 0

@@ -116,13 +116,16 @@ def losses(scheme: Scheme, loss_at, count):
   """L at every point of the scheme from theta, shape (P,) float32.
 
   ``loss_at(coeffs, queries)`` evaluates one point given as its terms
-  (:func:`sparse`, traced). Points not evaluated at this ``count`` (see
+  (:func:`sparse`, traced; both None for theta itself where the points are
+  evaluated one by one). Points not evaluated at this ``count`` (see
   :class:`Scheme`) are NaN.
   """
   coeffs, queries = sparse(scheme.points)
 
   def one(k):
     row = (jnp.asarray(coeffs)[k], jnp.asarray(queries)[k])
+    if isinstance(k, int) and not scheme.points[k].any():
+      row = (None, None)  # theta itself: no noise to draw
     if np.all(scheme.every == 1):
       return loss_at(*row).astype(jnp.float32)
     return lax.cond(count % jnp.asarray(scheme.every)[k] == 0,
