@@ -156,7 +156,8 @@ def perturbation(config: core.Config, scheme, leaves: Leaves,
       lambda tree, coeff, query: move(tree, [coeff], [query]),
       scheme.num_queries, bool((scheme.points[0] == 0).all()),
       int(scheme.every[0]), light,
-      None if rule is None else functools.partial(_carry_state, rule))
+      None if rule is None else functools.partial(_carry_state, rule),
+      scheme, move, loop="compact")
 
 
 def leaf_numbers(treedef, count: int):

@@ -41,13 +41,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 
 from hizoo_jax import _checks
 from hizoo_jax import _xla
 from hizoo_jax import zo_state
+from hizoo_jax.core import scheme as schemes
 
 
 def _stored_deltas(shift, params, num_queries):
@@ -82,26 +82,6 @@ def _add_stored(theta, deltas, terms):
       total = total + coeff * delta[query]
     out.append(total.astype(x.dtype))
   return treedef.unflatten(out)
-
-
-def _moves(num_queries):
-  """The parameter moves of one step, as (coeffs, queries) tables.
-
-  Move ``m`` adds ``sum_t coeffs[m, t] * mu s z_{queries[m, t]}``. The moves
-  are ``+z_0, -2 z_0, +z_0 + z_1, -2 z_1, ..., +z_{q-1}``: out to each query's
-  plus side, across to its minus side, and back (merged with the way out to
-  the next query). One term per move when q = 1, two otherwise.
-  """
-  if num_queries == 1:
-    return (np.array([[1.0], [-2.0], [1.0]], np.float32),
-            np.zeros((3, 1), np.int32))
-  coeffs, queries = [], []
-  for j in range(num_queries):
-    coeffs += [[1.0 if j else 0.0, 1.0], [0.0, -2.0]]
-    queries += [[max(j - 1, 0), j], [j, j]]
-  coeffs.append([1.0, 0.0])
-  queries.append([num_queries - 1, num_queries - 1])
-  return np.array(coeffs, np.float32), np.array(queries, np.int32)
 
 
 def _carried(opt_state, perturbation, carried: bool):
@@ -142,8 +122,8 @@ def _value(losses) -> jax.Array:
 
 
 def _skip(theta):
-  del theta
-  return jnp.zeros([], jnp.float32)
+  del theta  # NaN: no loss (read as such by _value)
+  return jnp.full([], jnp.nan, jnp.float32)
 
 
 def _phase_loss(k, theta, state, perturbation, loss_at):
@@ -183,7 +163,8 @@ def run(optimizer, opt_state, params, batch, loss_fn, perturbation,
 
   ``2 q + 1`` phases, the iterations of one loop: phase k evaluates L
   (HiZOO: L(theta) at phase 0; MeZO: nothing at phase 0), then makes move k
-  of :func:`_moves`; the last move restores theta. When the optimizer keeps
+  of the scheme's walk (:func:`hizoo_jax.core.scheme.walk`); the last move
+  restores theta. When the optimizer keeps
   no parameter-sized state, every phase also computes the optimizer's update
   of the restored point from the losses so far and applies it on the last
   phase only: the restore, the update and the moves are then one expression
@@ -197,8 +178,11 @@ def run(optimizer, opt_state, params, batch, loss_fn, perturbation,
   """
   num_queries = perturbation.num_queries
   center_first = perturbation.evaluates_center
-  coeff_table, query_table = _moves(num_queries)
-  num_phases = 2 * num_queries + 1
+  # Out to each query's plus side, across to its minus side, and on to the
+  # next query's plus side; the last move restores theta.
+  coeff_table, query_table = schemes.sparse(
+      schemes.walk(perturbation.scheme)[1])
+  num_phases = coeff_table.shape[0]
   update_in_loop = _update_in_loop(perturbation, opt_state, params)
 
   deltas = None
@@ -209,14 +193,11 @@ def run(optimizer, opt_state, params, batch, loss_fn, perturbation,
     coeffs, queries = _xla.computed_once(
         (jnp.asarray(coeff_table)[m], jnp.asarray(query_table)[m]),
         (jnp.asarray(m) >> 31).astype(jnp.uint32))
-    terms = [(coeffs[t], queries[t]) for t in range(coeff_table.shape[1])]
+    if num_queries == 1:  # a constant: XLA merges the draw with the update's
+      queries = [0] * coeff_table.shape[1]
     if deltas is not None:
-      return _add_stored(theta, deltas, terms)
-    shift = probe(optimizer, state, theta).shift
-    for coeff, query in terms:
-      # One query: a constant, so that XLA merges the draw with the update's.
-      theta = shift(theta, coeff, query if num_queries > 1 else 0)
-    return theta
+      return _add_stored(theta, deltas, list(zip(coeffs, queries)))
+    return probe(optimizer, state, theta).move(theta, coeffs, queries)
 
   def losses_of(losses):
     return (losses[0] if center_first else None), losses[1::2], losses[2::2]

@@ -68,11 +68,7 @@ def _check_estimator_mask(estimator, params, flags) -> None:
     if found.perturbation is None:
       raise not_an_estimator
     zeros = jax.tree.map(jnp.zeros_like, params)
-    perturbation = found.perturbation
-    if perturbation.move is not None:  # the plain program
-      shifted = perturbation.move(zeros, jnp.ones(1), jnp.zeros(1, jnp.int32))
-    else:
-      shifted = perturbation.shift(zeros, 1.0, 0)
+    shifted = found.perturbation.shift(zeros, 1.0, 0)
     moved.extend(a is not b for a, b in zip(
         jax.tree.leaves(zeros), jax.tree.leaves(shifted)))
     return jnp.zeros([])

@@ -57,7 +57,7 @@ def walk(optimizer, opt_state, params, batch, loss_fn, perturbation, probe):
   def current(state, theta):
     """The Perturbation traced where it is used: from the loop's state, so
     that H^{-1/2} is computed inside the loop (never hoisted and stored)."""
-    return moving(probe(optimizer, state, theta))
+    return probe(optimizer, state, theta)
 
   def point(state, theta, p):
     """theta with its low-precision leaves at point p, rounded once."""
@@ -103,19 +103,3 @@ def walk(optimizer, opt_state, params, batch, loss_fn, perturbation, probe):
       None, opt_state, params, zo_losses=losses,
       value=schemes.value(scheme, losses))
   return optax.apply_updates(params, updates), opt_state
-
-
-def moving(perturbation: zo_state.Perturbation) -> zo_state.Perturbation:
-  """``perturbation`` with a ``move`` (the compact program's gives
-  ``shift``, a query at a time) and a scheme, for :func:`walk`."""
-  if perturbation.move is not None:
-    return perturbation
-
-  def move(tree, coeffs, queries):
-    for t in range(coeffs.shape[0]):
-      tree = perturbation.shift(tree, coeffs[t], queries[t])
-    return tree
-
-  center = perturbation.center_every if perturbation.evaluates_center else 0
-  return perturbation._replace(
-      move=move, scheme=schemes.central(perturbation.num_queries, center))

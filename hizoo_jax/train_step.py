@@ -147,11 +147,11 @@ def make_train_step(
     _checks.check_params(params)
     perturbation = _perturbation(optimizer, opt_state, params)
     exact = any(map(precision.is_low_precision, jax.tree.leaves(params)))
-    if perturbation.move is not None or exact:
+    if perturbation.loop != "compact" or exact:
       # The plain program, or low-precision leaves (their points are exact).
       new_params, new_state = scheme_walk.walk(
-          optimizer, opt_state, params, batch, loss_fn,
-          scheme_walk.moving(perturbation), _perturbation)
+          optimizer, opt_state, params, batch, loss_fn, perturbation,
+          _perturbation)
     else:
       new_params, new_state = compact_loop.run(
           optimizer, opt_state, params, batch, loss_fn, perturbation,

@@ -53,8 +53,10 @@ class Perturbation(NamedTuple):
   ``carry_state(state, carried)`` turns the estimator's state into the form
   a loop should carry (``carried``: H as one vector; ``update`` accepts it
   and returns its state in kind) and back; None: carry it as it is.
-  With ``scheme`` and ``move`` set (the plain program), the step walks the
-  scheme's points instead (:func:`hizoo_jax.core.scheme.walk`).
+  ``scheme`` holds the same points as data (:mod:`hizoo_jax.core.scheme`) and
+  ``move(params, coeffs, queries)`` makes a point's or a move's terms.
+  ``loop`` names the lean step's loop that runs it: "walk"
+  (:mod:`hizoo_jax.scheme_walk`) or "compact" (:mod:`hizoo_jax.compact_loop`).
   """
 
   shift: Optional[Callable[[Any, Any, Any], Any]]
@@ -63,12 +65,11 @@ class Perturbation(NamedTuple):
   center_every: int = 1
   light_update: bool = True
   carry_state: Optional[Callable[[Any, bool], Any]] = None
-  # The plain program's form (hizoo_jax.core): the points as data and
-  # ``move(params, coeffs, queries)``, params + mu s sum_t coeffs[t]
-  # z_{queries[t]}; losses are handed back in the scheme's order. None for
-  # the compact program.
+  # The points as data, and ``move(params, coeffs, queries)``: params + mu s
+  # sum_t coeffs[t] z_{queries[t]}.
   scheme: Any = None
-  move: Optional[Callable[[Any, Any], Any]] = None
+  move: Optional[Callable[[Any, Any, Any], Any]] = None
+  loop: str = "walk"
 
 
 class PerturbationProbe:

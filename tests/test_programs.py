@@ -121,10 +121,10 @@ def _points(tx, params):
 
 def test_program_switch(monkeypatch):
   params = make_params()
-  assert _points(hz.mezo(0.1, program="plain"), params).move is not None
-  assert _points(hz.mezo(0.1, program="compact"), params).move is None
+  assert _points(hz.mezo(0.1, program="plain"), params).loop == "walk"
+  assert _points(hz.mezo(0.1, program="compact"), params).loop == "compact"
   monkeypatch.setenv("HIZOO_PROGRAM", "plain")
-  assert _points(hz.hizoo(0.1), params).move is not None
+  assert _points(hz.hizoo(0.1), params).loop == "walk"
   with pytest.raises(ValueError, match="program must be one of"):
     hz.mezo(0.1, program="fast")
 

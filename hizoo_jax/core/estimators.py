@@ -70,7 +70,8 @@ def plain_perturbation(config, scheme, leaves, move) -> Perturbation:
   ``move`` (:mod:`hizoo_jax.scheme_walk`)."""
   del config, leaves  # all in the scheme and the move
   return Perturbation(
-      shift=None, num_queries=scheme.num_queries,
+      shift=lambda tree, coeff, query: move(tree, [coeff], [query]),
+      num_queries=scheme.num_queries,
       evaluates_center=bool((scheme.points[0] == 0).all()),
       center_every=int(scheme.every[0]), light_update=False,
       scheme=scheme, move=move)

@@ -80,7 +80,8 @@ def sparse(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """``(coeffs, queries)``, each (R, T): row r of ``table`` (R, Q) as its
   non-zero terms ``sum_t coeffs[r, t] * z_{queries[r, t]}``, padded with
   zero terms; T is the most terms of a row (one or two here), so a point or
-  a move draws only the z it needs."""
+  a move draws only the z it needs. A padding term repeats its row's last
+  query: the same draw, which XLA merges, not another."""
   terms = max(1, int(np.max(np.sum(table != 0, axis=1))))
   coeffs = np.zeros((table.shape[0], terms), np.float32)
   queries = np.zeros((table.shape[0], terms), np.int32)
@@ -88,6 +89,7 @@ def sparse(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     nonzero = np.flatnonzero(row)
     coeffs[r, :len(nonzero)] = row[nonzero]
     queries[r, :len(nonzero)] = nonzero
+    queries[r, len(nonzero):] = nonzero[-1] if len(nonzero) else 0
   return coeffs, queries
 
 
