@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from hizoo_jax import _xla
+from hizoo_jax import grouped_curvature
 from hizoo_jax import leaf_draws
 from hizoo_jax import noise
 from hizoo_jax import range_sums
@@ -53,6 +54,23 @@ class Leaves(NamedTuple):
 
   def flat(self, tree) -> list:
     return self.treedef.flatten_up_to(tree)
+
+  # H as grouped_curvature.Factors: the signed rule's boundary.
+  def factor_sums(self, hess, fn) -> dict:
+    return grouped_curvature.factor_sums(hess, fn, self)
+
+  def coordinate_sum(self, sums: dict) -> jax.Array:
+    return grouped_curvature.coordinate_sum(sums)
+
+  def factor_map(self, fn, hess, sums=None):
+    return grouped_curvature.factor_map(fn, hess, sums, self)
+
+  def factor_total(self, hess) -> jax.Array:
+    return grouped_curvature.factor_total(hess, self)
+
+  def shared(self, values):
+    """``values`` read by every leaf, stored once (_xla.computed_once)."""
+    return _xla.computed_once(values, self.zero)
 
 
 class Scales(NamedTuple):

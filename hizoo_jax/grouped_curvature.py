@@ -1,13 +1,13 @@
-"""HiZOO's default curvature rule in the compact program.
+"""H of HiZOO's default rule as the compact program keeps it.
 
-The mathematics is :mod:`hizoo_jax.core.signed_rule`; this is the same rule
-compiled for XLA:CPU (:mod:`hizoo_jax.program`): every leaf's factors are one
+The rule is :func:`hizoo_jax.core.signed_rule.update`, stated once; this
+module is the compact program's side of its boundary (the ``factor_*``
+members of :class:`hizoo_jax.compact.Leaves`): every leaf's factors are one
 vector (:mod:`hizoo_jax.joined_factors`), so the rule is a few vector
 operations for the whole model instead of a few kernels per leaf; the sums of
 z^2 - 1 over groups are drawn in one loop on one device
-(:mod:`hizoo_jax.range_sums`); shared scalars are stored once
-(:func:`hizoo_jax._xla.computed_once`); through the lean step's loop the
-state holds H as one vector (:class:`Carried`).
+(:mod:`hizoo_jax.range_sums`); through the lean step's loop the state holds
+H as one vector (:class:`Carried`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from jax import lax
 from hizoo_jax import _xla
 from hizoo_jax import joined_factors
 from hizoo_jax import range_sums
-from hizoo_jax.core import signed_rule
+from hizoo_jax.core import leafwise
 # The rule's constants, state types and pure helpers are the core's.
 from hizoo_jax.core.signed_rule import (  # pylint: disable=unused-import
     CLIP, DEFAULT_RATE, FLOOR, GRANULARITIES, STATS_RATE, GroupedStats,
@@ -141,10 +141,37 @@ def _inv_sqrt_reader(vector, joined: list, hess: list, numbers: list):
       numbers)
 
 
-def _sums(draw, hess: list, live: list, shapes, num_queries: int):
-  """``(sums, norm_sq)``: per (leaf, factor), the group sums of z^2 - 1,
-  shape (q, *factor shape); and (q,) sum(z^2) over every coordinate."""
-  dim = float(sum(np.prod(shapes[i]) for i in live))
+def _shapes(leaves) -> list:
+  return [jnp.shape(x) for x in leaves.values]
+
+
+def _per_entry(values, joined: list, hess: list) -> np.ndarray:
+  """A value per factor of ``joined``, repeated for each of its entries."""
+  return np.repeat(np.asarray(values, np.float32),
+                   [hess[i][k].size for i, k in joined])
+
+
+def _joined_info(joined: list, hess: list, shapes) -> leafwise.FactorInfo:
+  """:class:`FactorInfo` of the joined factors, per entry of the vector."""
+  infos = [leafwise.factor_info(hess[i][k].shape, shapes[i], k, len(hess[i]))
+           for i, k in joined]
+  return leafwise.FactorInfo(
+      n=_per_entry([f.n for f in infos], joined, hess),
+      num=_per_entry([f.num for f in infos], joined, hess),
+      first=_per_entry([f.first for f in infos], joined, hess) > 0)
+
+
+def _apart(hess: list) -> list:
+  """The (leaf, factor) pairs not in the vector (on a mesh)."""
+  return [(i, k) for i, h in enumerate(hess) if h is not None
+          for k, f in enumerate(h) if not isinstance(f, joined_factors.Slot)]
+
+
+def factor_sums(factors: Factors, fn, leaves) -> dict:
+  """:meth:`hizoo_jax.core.leafwise.Leaves.factor_sums`, drawn in one loop
+  on one device (:mod:`hizoo_jax.range_sums`)."""
+  hess, shapes = factors.per_leaf, _shapes(leaves)
+  live = [i for i, h in enumerate(hess) if h is not None]
   # HiZOO-L's second per-tensor factor of a non-matrix leaf has the same
   # groups as its first: same sums. In one loop they are drawn again (a few
   # rows), so that the sums come out in the vector's order, one array: the
@@ -153,126 +180,73 @@ def _sums(draw, hess: list, live: list, shapes, num_queries: int):
   own = [(i, k) for i in live for k, f in enumerate(hess[i])
          if one_loop or not (k and f.shape == hess[i][0].shape)]
   sums = dict(zip(own, range_sums.group_sums(
-      draw, [(i, joined_factors.shared_axes(hess[i][k].shape, shapes[i]))
-             for i, k in own],
-      shapes, lambda z: jnp.square(z) - 1.0)))
+      leaves.draws, [(i, joined_factors.shared_axes(hess[i][k].shape,
+                                                    shapes[i]))
+                     for i, k in own], shapes, fn)))
   for i in live:
     for k in range(1, len(hess[i])):
       sums.setdefault((i, k), sums[i, 0])
-  # Each leaf's first factor's groups cover every coordinate. Drawn in one
-  # loop, one sum of them all (leaf by leaf, a kernel per leaf).
-  if one_loop:
-    first = np.concatenate([np.full(sums[i, k].size // num_queries, k == 0)
-                            for i, k in own])
-    return sums, dim + jnp.sum(jnp.where(first, jnp.concatenate(
-        [sums[key].reshape(num_queries, -1) for key in own], axis=1), 0.0),
-                                 axis=1)
-  # On a mesh, leaf by leaf, each sharded like its leaf; summed over the
-  # factor's axes, not reshaped to (q, -1): on an Explicit mesh a reshape
-  # that merges a sharded axis is a type error.
-  return sums, dim + sum(
-      jnp.sum(sums[i, 0], axis=tuple(range(1, sums[i, 0].ndim)))
-      for i in live)
+  return sums
 
 
-def _log_step(residual, rate, num_queries: int):
-  """``moved(h, z2, n, num)``: factors ``h`` after one log step, from their
-  groups' sums ``z2`` of z^2 - 1, coordinates per group ``n`` and the leaf's
-  number of factors ``num`` (the module docstring of the core rule)."""
-  y, safe_lam, safe_v, usable = residual
-
-  def moved(h, z2, n, num):
-    y_b = jnp.reshape(y, (num_queries,) + (1,) * h.ndim)
-    rho = jnp.mean(z2 * y_b, axis=0) / (n * safe_lam)
-    gain = rate / num * jnp.minimum(1.0, n / (2.0 * safe_v))
-    step = jnp.where(usable, jnp.clip(gain * rho, -CLIP, CLIP), 0.0)
-    return (h * jnp.exp(step)).astype(h.dtype)
-  return moved
+def coordinate_sum(sums: dict) -> jax.Array:
+  """:meth:`hizoo_jax.core.leafwise.Leaves.coordinate_sum`: in one loop,
+  one sum of all the loop's sums (leaf by leaf, a kernel per leaf)."""
+  if not range_sums.in_one_loop():  # on a mesh: each sharded like its leaf
+    return sum(jnp.sum(s, axis=tuple(range(1, s.ndim)))
+               for (_, k), s in sums.items() if k == 0)
+  q = next(iter(sums.values())).shape[0]
+  first = np.concatenate([np.full(s.size // q, k == 0)
+                          for (_, k), s in sums.items()])
+  return jnp.sum(jnp.where(first, jnp.concatenate(
+      [s.reshape(q, -1) for s in sums.values()], axis=1), 0.0), axis=1)
 
 
-def update(factors: Factors, stats: GroupedStats, second: jax.Array,
-           leaves, rate: jax.Array, probe: jax.Array):
-  """The new factors and statistics after one step (see the module docstring).
-
-  Args:
-    factors: H (:func:`split`).
-    stats: the running statistics.
-    second: (q,) float32, ``q`` of each query.
-    leaves: the step's :class:`hizoo_jax.compact.Leaves`; its ``draws`` give
-      z of leaf i and query j afresh, and on one device the sums of z^2 draw
-      from their seeds in one loop (:mod:`hizoo_jax.range_sums`).
-    rate: the largest gain of log H per step.
-    probe: bool, whether this step measured the curvature (else nothing moves).
-
-  Returns:
-    ``(new factors, new stats)``.
-  """
-  hess, draw, numbers = factors.per_leaf, leaves.draws, leaves.numbers
-  shapes = [jnp.shape(x) for x in leaves.values]
-  num_queries = second.shape[0]
-  live = [i for i, h in enumerate(hess) if h is not None]
-  if not live:  # nothing is trained: nothing to learn
-    return factors, stats
-  dim = float(sum(np.prod(shapes[i]) for i in live))
-  sums, norm_sq = _sums(draw, hess, live, shapes, num_queries)
-  residual = _xla.computed_once(
-      signed_rule.residual(stats, second, norm_sq, dim, probe), draw.zero)
-  moved = _log_step(residual, rate, num_queries)
-  usable = residual[3]
-
-  # The factors as one vector: the rule is a few vector operations, where
-  # factor by factor it was a few dozen instructions and several tiny
-  # kernels per leaf. On a mesh, factors sharded over mesh axes go factor
-  # by factor (joined_factors.joinable).
+def factor_map(fn, factors: Factors, sums, leaves) -> Factors:
+  """:meth:`hizoo_jax.core.leafwise.Leaves.factor_map` on the joined vector
+  at once (a few vector operations for the whole model, where factor by
+  factor it was a few dozen instructions and several tiny kernels per
+  leaf), and factor by factor on the others (on a mesh)."""
+  hess, shapes = factors.per_leaf, _shapes(leaves)
   joined = joined_factors.in_vector(hess)
-  apart = [(i, k) for i in live for k, f in enumerate(hess[i])
-           if not isinstance(f, joined_factors.Slot)]
-  def per_entry(values):  # a value per factor of `joined`, per entry
-    return np.repeat(np.asarray(values, np.float32),
-                     [hess[i][k].size for i, k in joined])
-  def coords(i, k):  # coordinates per group
-    return np.float32(np.prod(shapes[i]) / hess[i][k].size)
+  vector = None
+  if joined:
+    s = None if sums is None else jnp.concatenate(
+        [sums[key].reshape(sums[key].shape[0], -1) for key in joined], axis=1)
+    # Stored: every leaf reads it, in slices that would otherwise each
+    # recompute it.
+    vector = _xla.computed_once(fn(factors.vector, s, _joined_info(
+        joined, hess, shapes)).astype(factors.vector.dtype), leaves.zero)
+  new = {(i, k): fn(hess[i][k], None if sums is None else sums[i, k],
+                    leafwise.factor_info(hess[i][k].shape, shapes[i], k,
+                                         len(hess[i]))).astype(hess[i][k].dtype)
+         for i, k in _apart(hess)}
+  return Factors([None if h is None else tuple(
+      f if isinstance(f, joined_factors.Slot) else new[i, k]
+      for k, f in enumerate(h)) for i, h in enumerate(hess)],
+                 vector, factors.carried)
 
-  new, h = {}, None
+
+def factor_total(factors: Factors, leaves) -> jax.Array:
+  """:meth:`hizoo_jax.core.leafwise.Leaves.factor_total`: a group of a
+  one-factor leaf stands for its n coordinates; a factored leaf's total
+  comes from its factors."""
+  hess, vector, shapes = factors.per_leaf, factors.vector, _shapes(leaves)
+  joined, apart = joined_factors.in_vector(hess), _apart(hess)
+  # The joined factors of leaves with a factor apart, for their totals.
+  pieces = joined_factors.split_at_numbers(
+      vector, joined, hess, leaves.numbers, only={i for i, _ in apart})
+  def factor(i, k):
+    return pieces[i, k] if (i, k) in pieces else hess[i][k]
+  total = sum(joined_factors.factored_total(factor(i, 0), factor(i, 1),
+                                            shapes[i])
+              for i in sorted({i for i, _ in apart}) if len(hess[i]) == 2)
   if joined:
-    n = per_entry([coords(i, k) for i, k in joined])
-    num = per_entry([len(hess[i]) for i, k in joined])
-    h = moved(factors.vector,
-              jnp.concatenate([sums[key].reshape(num_queries, -1)
-                               for key in joined], axis=1), n, num)
-    # Stored: the totals below read it in slices, which would otherwise
-    # each recompute the concatenations.
-    h = _xla.computed_once(h, draw.zero)
-    # The joined factors of leaves with a factor apart, for their totals.
-    new.update(joined_factors.split_at_numbers(
-        h, joined, hess, numbers, only={i for i, _ in apart}))
-  for i, k in apart:
-    new[i, k] = moved(hess[i][k], sums[i, k], coords(i, k), len(hess[i]))
-  # sum_i H_i over all coordinates: a group of a one-factor leaf stands for
-  # its n coordinates; a factored leaf's total comes from its factors.
-  total = sum(joined_factors.factored_total(new[i, 0], new[i, 1], shapes[i])
-              for i in live if len(hess[i]) == 2
-              and ((i, 0) in apart or (i, 1) in apart))
-  if joined:
-    total += jnp.sum(jnp.where(num == 1, h * n, 0.0))
-    total += joined_factors.joined_factored_total(h, joined, hess, shapes)
-  total += sum(jnp.sum(new[i, 0] * coords(i, 0)) for i, k in apart
+    info = _joined_info(joined, hess, shapes)
+    total += jnp.sum(jnp.where(info.num == 1, vector * info.n, 0.0))
+    total += joined_factors.joined_factored_total(vector, joined, hess,
+                                                  shapes)
+  total += sum(jnp.sum(hess[i][0] * leafwise.factor_info(
+      hess[i][0].shape, shapes[i], 0, 1).n) for i, k in apart
                if len(hess[i]) == 1)
-  mean_h = _xla.computed_once(jnp.where(usable, total / dim, 1.0), draw.zero)
-
-  # Mean 1 (the first factor carries it), and no factor below FLOOR.
-  def normalised(h, first, num):
-    return jnp.maximum(jnp.where(first, h / mean_h, h), FLOOR ** (1 / num))
-  if joined:
-    first = per_entry([k == 0 for _, k in joined]) > 0
-    h = _xla.computed_once(normalised(h, first, num).astype(
-        factors.vector.dtype), draw.zero)  # read by all
-  for i, k in apart:
-    new[i, k] = normalised(new[i, k], k == 0, len(hess[i]))
-  new_hess = [None if hess[i] is None else tuple(
-      f if isinstance(f, joined_factors.Slot) else new[i, k].astype(f.dtype)
-      for k, f in enumerate(hess[i])) for i in range(len(hess))]
-  # The new vector's pieces for the state are read in store (or, in the
-  # step's loop, the vector is the state).
-  new_stats = signed_rule.next_stats(stats, second, *residual[:2], dim, probe)
-  return Factors(new_hess, h, factors.carried), new_stats
+  return total

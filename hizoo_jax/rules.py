@@ -20,6 +20,7 @@ from hizoo_jax import fusible
 from hizoo_jax import grouped_curvature
 from hizoo_jax import leaf_draws
 from hizoo_jax.core import paper_rule
+from hizoo_jax.core import signed_rule
 
 
 class Rule(NamedTuple):
@@ -110,7 +111,7 @@ RULES = {
         init=grouped_curvature.init,
         init_stats=grouped_curvature.init_stats,
         inv_sqrt=grouped_curvature.inv_sqrt,
-        update=grouped_curvature.update,
+        update=signed_rule.update,  # the core's, on compact.Leaves
         last_array=grouped_curvature.last_array,
         shapes_fit=grouped_curvature.shapes_fit,
         split=grouped_curvature.split,

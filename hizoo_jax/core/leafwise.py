@@ -15,6 +15,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hizoo_jax import _checks
 from hizoo_jax import noise
@@ -57,6 +58,76 @@ class Leaves(NamedTuple):
   def flat(self, tree) -> list:
     """``tree`` (like params, or a prefix-compatible tree) leaf by leaf."""
     return self.treedef.flatten_up_to(tree)
+
+  # H kept as factors per leaf (hizoo_jax.core.signed_rule): ``hess`` is a
+  # list with, per leaf, a tuple of factors (None: frozen).
+
+  def factor_sums(self, hess: list, fn: Callable) -> dict:
+    """``{(i, k): sum of fn(z_j)}`` over each group of factor k of leaf i,
+    shape (q, *factor shape)."""
+    return {(i, k): group_sums(self, fn, i, shared_axes(f.shape, jnp.shape(
+        self.values[i])), factor=k)
+            for i, h in enumerate(hess) if h is not None
+            for k, f in enumerate(h)}
+
+  def coordinate_sum(self, sums: dict) -> jax.Array:
+    """(q,): the sums of :meth:`factor_sums` over every coordinate (each
+    leaf's first factor's groups cover it once)."""
+    # Summed over the factor's axes, not reshaped: on an Explicit mesh a
+    # reshape that merges a sharded axis is a type error.
+    return sum(jnp.sum(s, axis=tuple(range(1, s.ndim)))
+               for (_, k), s in sums.items() if k == 0)
+
+  def factor_map(self, fn: Callable, hess: list, sums=None) -> list:
+    """``fn(factor, its sums or None, FactorInfo)`` on every factor, in the
+    factor's dtype."""
+    return [None if h is None else tuple(
+        fn(f, None if sums is None else sums[i, k],
+           factor_info(f.shape, jnp.shape(self.values[i]), k, len(h))
+           ).astype(f.dtype) for k, f in enumerate(h))
+            for i, h in enumerate(hess)]
+
+  def factor_total(self, hess: list) -> jax.Array:
+    """sum_i H_i over all trainable coordinates."""
+    return sum(factored_total(h, jnp.shape(x))
+               for h, x in zip(hess, self.values) if h is not None)
+
+  def shared(self, values):
+    """``values`` read by every leaf (the compact program stores them)."""
+    return values
+
+
+class FactorInfo(NamedTuple):
+  """What a factor's groups are (scalars; per entry in a joined vector)."""
+
+  n: Any  # float32: the coordinates each group of the factor covers.
+  num: Any  # the number of factors of its leaf (HiZOO-L: 2).
+  first: Any  # bool: whether it is its leaf's first factor.
+
+
+def factor_info(factor_shape, leaf_shape, k: int, num: int) -> FactorInfo:
+  n = np.float32(np.prod(leaf_shape) / np.prod(factor_shape))
+  return FactorInfo(n, num, k == 0)
+
+
+def shared_axes(factor_shape, leaf_shape) -> tuple[int, ...]:
+  """The axes a factor is shared over (size 1 in it, not in the leaf)."""
+  return tuple(a for a, (f, n) in enumerate(zip(factor_shape, leaf_shape))
+               if f == 1 and n != 1)
+
+
+def factored_total(h: tuple, shape) -> jax.Array:
+  """sum_i H_i over a leaf whose H is the product of the factors ``h``
+  (without forming a leaf-sized product)."""
+  if len(h) == 1:
+    return jnp.sum(h[0]) * (np.prod(shape) / h[0].size)
+  rows, cols = h
+  both = np.prod([n for r, c, n in zip(rows.shape, cols.shape, shape)
+                  if r == c == 1])
+  return jnp.sum(
+      jnp.sum(rows, axis=shared_axes(cols.shape, shape), keepdims=True)
+      * jnp.sum(cols, axis=shared_axes(rows.shape, shape), keepdims=True)
+  ) * both
 
 
 def checked_leaves(params, mask):

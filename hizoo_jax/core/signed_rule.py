@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hizoo_jax.core import leafwise
+from hizoo_jax.core.leafwise import shared_axes  # noqa: F401 (re-exported)
 
 GRANULARITIES = ("tensor", "row", "column", "factored", "element")
 DEFAULT_RATE = 0.05
@@ -106,12 +107,6 @@ def init_stats() -> GroupedStats:
                       probes=jnp.zeros([], jnp.int32))
 
 
-def shared_axes(factor_shape, leaf_shape) -> tuple[int, ...]:
-  """The axes a factor is shared over (size 1 in it, not in the leaf)."""
-  return tuple(a for a, (f, n) in enumerate(zip(factor_shape, leaf_shape))
-               if f == 1 and n != 1)
-
-
 def shapes_fit(h: tuple, shape) -> bool:
   """Whether the factors broadcast to a leaf of ``shape``."""
   return all(len(f.shape) == len(shape) and all(
@@ -124,19 +119,6 @@ def inv_sqrt(h: tuple) -> jax.Array:
   for f in h[1:]:
     out = out * jax.lax.rsqrt(f)
   return out
-
-
-def total(h: tuple, shape) -> jax.Array:
-  """sum_i H_i over a leaf (without forming a leaf-sized product)."""
-  if len(h) == 1:
-    return jnp.sum(h[0]) * (np.prod(shape) / h[0].size)
-  rows, cols = h
-  both = np.prod([n for r, c, n in zip(rows.shape, cols.shape, shape)
-                  if r == c == 1])
-  return jnp.sum(
-      jnp.sum(rows, axis=shared_axes(cols.shape, shape), keepdims=True)
-      * jnp.sum(cols, axis=shared_axes(rows.shape, shape), keepdims=True)
-  ) * both
 
 
 def residual(stats: GroupedStats, second: jax.Array, norm_sq: jax.Array,
@@ -168,59 +150,44 @@ def next_stats(stats: GroupedStats, second: jax.Array, y: jax.Array,
       probes=t + probe.astype(jnp.int32))
 
 
-def update(hess: list, stats: GroupedStats, second: jax.Array,
-           leaves: leafwise.Leaves, rate: jax.Array, probe: jax.Array):
+def update(hess, stats: GroupedStats, second: jax.Array, leaves, rate: jax.Array,
+           probe: jax.Array):
   """The new factors and statistics after one step (module docstring).
 
   Args:
-    hess: per leaf, its tuple of factors (None: frozen).
+    hess: H as the program keeps it (:mod:`hizoo_jax.core.leafwise`: per
+      leaf, its tuple of factors, None where frozen).
     stats: the running statistics.
     second: (q,) float32, ``q`` of each query.
-    leaves: the step's leaves and noise.
+    leaves: the step's leaves and noise; its ``factor_*`` methods map the
+      rule over every factor of every leaf.
     rate: the largest gain of log H per step.
     probe: bool, whether this step measured the curvature.
 
   Returns:
     ``(new hess, new stats)``.
   """
-  live = [i for i, h in enumerate(hess) if h is not None]
-  if not live:  # nothing is trained: nothing to learn
+  if not any(leaves.trainable):  # nothing is trained: nothing to learn
     return hess, stats
-  shapes = [jnp.shape(x) for x in leaves.values]
-  dim = float(sum(np.prod(shapes[i]) for i in live))
-  sums = {(i, k): leafwise.group_sums(  # (q, *factor shape)
-      leaves, lambda z: jnp.square(z) - 1.0, i,
-      shared_axes(f.shape, shapes[i]), factor=k)
-          for i in live for k, f in enumerate(hess[i])}
-  # Summed over the factor's axes, not reshaped: on an Explicit mesh a
-  # reshape that merges a sharded axis is a type error.
-  norm_sq = dim + sum(
-      jnp.sum(sums[i, 0], axis=tuple(range(1, sums[i, 0].ndim)))
-      for i in live)
+  dim = float(sum(np.prod(jnp.shape(x)) for x, keep in zip(
+      leaves.values, leaves.trainable) if keep))
+  sums = leaves.factor_sums(hess, lambda z: jnp.square(z) - 1.0)
+  norm_sq = dim + leaves.coordinate_sum(sums)  # (q,): sum_i z_i^2
+  y, safe_lam, safe_v, usable = leaves.shared(
+      residual(stats, second, norm_sq, dim, probe))
 
-  y, safe_lam, safe_v, usable = residual(stats, second, norm_sq, dim, probe)
+  def log_step(h, z2, group):  # log H_G += clip(gain * rho_G)
+    y_b = jnp.reshape(y, (-1,) + (1,) * h.ndim)
+    rho = jnp.mean(z2 * y_b, axis=0) / (group.n * safe_lam)
+    gain = rate / group.num * jnp.minimum(1.0, group.n / (2.0 * safe_v))
+    return h * jnp.exp(jnp.where(usable, jnp.clip(gain * rho, -CLIP, CLIP),
+                                 0.0))
+  new = leaves.factor_map(log_step, hess, sums)
 
-  new = []
-  for i, h in enumerate(hess):
-    if h is None:
-      new.append(None)
-      continue
-    factors = []
-    for k, f in enumerate(h):
-      n = np.float32(np.prod(shapes[i]) / f.size)  # coordinates per group
-      y_b = jnp.reshape(y, (-1,) + (1,) * f.ndim)
-      rho = jnp.mean(sums[i, k] * y_b, axis=0) / (n * safe_lam)
-      gain = rate / len(h) * jnp.minimum(1.0, n / (2.0 * safe_v))
-      step = jnp.where(usable, jnp.clip(gain * rho, -CLIP, CLIP), 0.0)
-      factors.append(f * jnp.exp(step))
-    new.append(factors)
-
-  mean_h = jnp.where(
-      usable, sum(total(new[i], shapes[i]) for i in live) / dim, 1.0)
-  for i in live:  # mean 1 (the first factor carries it), none below FLOOR
-    floor = FLOOR ** (1 / len(new[i]))
-    new[i] = tuple(
-        jnp.maximum(f / mean_h if k == 0 else f, floor).astype(hess[i][k].dtype)
-        for k, f in enumerate(new[i]))
-
+  mean_h = leaves.shared(
+      jnp.where(usable, leaves.factor_total(new) / dim, 1.0))
+  def normalised(h, _, group):  # mean 1 (the first factor carries it)
+    return jnp.maximum(jnp.where(group.first, h / mean_h, h),
+                       FLOOR ** (1 / group.num))
+  new = leaves.factor_map(normalised, new)
   return new, next_stats(stats, second, y, safe_lam, dim, probe)
