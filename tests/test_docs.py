@@ -186,6 +186,14 @@ assert np.isfinite(float(m["loss"]))
     "docs/finetuning.md": """
 assert jnp.isfinite(zo.loss)
 """,
+    "docs/choosing.md": """
+H = hz.curvature_tree(state, theta, expand=False)
+assert float(H["stiff"].ravel()[0]) / float(H["soft"].ravel()[0]) > 50, H
+H1 = hz.curvature_tree(state1, one, expand=False)
+assert float(H1["w"].ravel()[0]) == 1.0, H1
+assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(p16))
+assert np.isfinite(float(metrics["loss"]))
+""",
 }
 
 
