@@ -297,3 +297,19 @@ def test_doc_blocks_run(doc, tmp_path, monkeypatch):
         exec(compile(code, f"<after {doc}:{b.line}>", "exec"), ns)
   if doc in AFTER:
     exec(compile(AFTER[doc], f"<after {doc}>", "exec"), ns)
+
+
+def test_no_example_freezes_h_with_the_paper_rate():
+  """``hessian_smooth=1e-6`` is the paper rule's EMA rate; under the default
+  signed rule it leaves H at 1 (docs/choosing.md). An example may pass such
+  a rate only with ``estimator="paper"`` or ``"reference"``."""
+  tiny = re.compile(r"hessian.smooth[= ]+1e-[6-9]|scale_by_hizoo\([^,()]+,\s*1e-[6-9]")
+  lines = [(f"{b.doc}:{b.line}", line) for d in DOCS for b in blocks(d)
+           for line in b.code.splitlines()]
+  for path in glob.glob(os.path.join(ROOT, "hizoo_jax", "**", "*.py"),
+                        recursive=True):
+    with open(path) as f:
+      lines += [(f"{path}:{n}", line) for n, line in enumerate(f, 1)]
+  for where, line in lines:
+    if tiny.search(line) and "paper" not in line and "reference" not in line:
+      raise AssertionError(f"{where}: {line.strip()}")
