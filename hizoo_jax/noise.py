@@ -17,7 +17,8 @@ the "lowbias32" hash). The 24 high bits are 24 fair coins: their count is
 Binomial(24, 1/2), which the central limit theorem makes close to normal;
 the 8 low bits spread each count over a unit interval, so z is continuous to
 1/256. ``sigma^2 = 6 + (1 - 2^-16) / 12`` makes the variance exactly 1. The
-distribution is symmetric with E[z^4] = 2.92 (a normal's: 3) and |z| < 5.1;
+distribution is symmetric with E[z^4] = 2.92 (a normal's: 3) and |z| < 5.07
+(at most 12.5 / sigma);
 zeroth-order gradient estimates need only E[z z^T] = I, and the curvature
 rules only a known E[z^4] (:data:`FOURTH_MOMENT`).
 

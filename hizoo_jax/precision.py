@@ -1,14 +1,16 @@
 """bfloat16 / float16 parameters: updates that do not round away.
 
 A zeroth-order step moves each weight by ``lr * g * z``, often far less than
-half the spacing of bfloat16 numbers near the weight (``2**-8 |w|``): rounded
+half the spacing of bfloat16 numbers near the weight (up to ``2**-8 |w|``): rounded
 to the nearest, ``w + update`` is ``w`` again, and nothing learns. Two
 remedies, as wrappers around a whole optimizer (estimator included):
 
 * :func:`master_weights` keeps a float32 copy of the low-precision leaves in
   the state, steps it, and returns the updates that make the parameters its
-  rounding. The loss is evaluated at the float32 copy. Costs 4 bytes per
-  low-precision parameter.
+  rounding. Through ``tx.update`` the loss is evaluated at the float32 copy;
+  in :func:`hizoo_jax.make_train_step` at each point computed from the copy
+  and rounded once to the parameter dtype. Costs 4 bytes per low-precision
+  parameter.
 * :func:`stochastic_rounding` rounds ``w + update`` up or down at random with
   the probabilities that make it exact on average. No extra memory; the
   random bits come from the estimator's key and step count.

@@ -458,7 +458,12 @@ def test_readme_states_measured_times():
   with open(os.path.join(ROOT, "README.md")) as f:
     readme = " ".join(f.read().split())
   assert "a few minutes" not in readme
-  assert "about 9 minutes on 2 CPU cores" in readme
+  # The job's time is the one its kept metrics.json measured.
+  path = os.path.join(ROOT, "benchmarks", "results", "finetune_main",
+                      "metrics.json")
+  with open(path) as f:
+    wall = json.load(f)["wall_seconds"]
+  assert f"about {round(wall / 60)} minutes on 2 CPU cores" in readme
   assert "about 5-12 minutes" in readme
 
 
