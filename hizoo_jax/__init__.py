@@ -16,7 +16,7 @@ from hizoo_jax.checkpoint import (
     save_checkpoint,
 )
 from hizoo_jax.curvature import FactoredHessian
-from hizoo_jax.grouped_curvature import GroupedStats
+from hizoo_jax.core.signed_rule import GroupedStats
 from hizoo_jax.estimator import scale_by_hizoo, scale_by_mezo
 from hizoo_jax.inspection import curvature_tree, step_noise
 from hizoo_jax.flax_utils import (

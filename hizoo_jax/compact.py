@@ -23,15 +23,19 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from hizoo_jax import _xla
+from hizoo_jax import curvature
+from hizoo_jax import fusible
 from hizoo_jax import grouped_curvature
 from hizoo_jax import leaf_draws
 from hizoo_jax import noise
 from hizoo_jax import range_sums
-from hizoo_jax import rules
 from hizoo_jax.core import estimators as core
 from hizoo_jax.core import leafwise
+from hizoo_jax.core import paper_rule
+from hizoo_jax.core import signed_rule
 from hizoo_jax.zo_state import Perturbation
 
 _OTHER_STRUCTURE = (
@@ -155,7 +159,7 @@ def combine(leaves: Leaves, coeffs: jax.Array, s: Optional[Scales]):
       for x, d in zip(leaves.values, out)])
 
 
-def _carry_state(rule: rules.Rule, state, carried: bool):
+def _carry_state(rule: Rule, state, carried: bool):
   """H as one vector through the lean step's loop (``carried``), or back."""
   return state._replace(hessian=rule.carried_form(
       state.hessian, state.leaf_numbers, carried))
@@ -169,7 +173,7 @@ def perturbation(config: core.Config, scheme, leaves: Leaves,
   # Sums over rows or columns are noise passes of their own, except in the
   # signed rule's loop of sums (hizoo_jax.range_sums).
   light = (rule is None or config.granularity == "tensor"
-           or (rule is rules.RULES["signed"] and range_sums.in_one_loop()))
+           or (rule is RULES["signed"] and range_sums.in_one_loop()))
   return Perturbation(
       lambda tree, coeff, query: move(tree, [coeff], [query]),
       scheme.num_queries, bool((scheme.points[0] == 0).all()),
@@ -190,3 +194,80 @@ PROGRAM = core.Program(
         hess, leaves.treedef, leaves.numbers),
     scales=scales, perturb=perturb, combine=combine,
     perturbation=perturbation, leaf_numbers=leaf_numbers)
+
+
+class Rule(NamedTuple):
+  """A curvature rule in the compact program: the core's members (init,
+  update, shapes_fit, layout: :class:`hizoo_jax.core.rules.Rule`), and how
+  this program holds H."""
+
+  init: Callable  # (shape, granularity, factored axes, dtype, sharding,
+  # stacked) -> one leaf's H_0.
+  init_stats: Callable[[], Any]
+  update: Callable  # (hess, stats, second, leaves: Leaves, rate, probe)
+  # -> (new hess, new stats)
+  shapes_fit: Callable[[Any, tuple], bool]  # (a leaf's H, leaf shape)
+  layout: str  # the state's form of H (hizoo_jax.core.rules.Rule.layout).
+  split: Callable  # (state.hessian, treedef) -> hess: H as the rule
+  # computes with it.
+  per_leaf: Callable[[Any], list]  # hess -> per leaf (None: frozen)
+  store: Callable  # (hess, treedef, numbers) -> state.hessian, in the form
+  # split read.
+  # (hess, the leaves' numbers) -> read(which): H^{-1/2} of leaf `which`
+  # broadcastable to it, or of a tuple of same-shaped leaves stacked.
+  inv_sqrt: Callable[[Any, list], Callable]
+  last_array: Callable[[Any, int], jax.Array]  # (hess, leaf): what the
+  # update's z of that leaf waits for.
+  carried_form: Callable  # (state.hessian, state.leaf_numbers, carried)
+  # -> the form hz.make_train_step's loop carries (carried) or the state's.
+
+
+def _paper_init(shape, granularity, axes, dtype, sharding, stacked):
+  del stacked  # per element, or factored over axes that exclude the layers.
+  return paper_rule.init(
+      shape, axes if granularity == "factored" else None, dtype, sharding)
+
+
+def _paper_inv_sqrt(hess, numbers):
+  del numbers  # H is an array per leaf: nothing is read from a shared vector.
+  roots = [None if h is None else fusible.rsqrt(paper_rule.expand(h))
+           for h in hess]
+  return functools.partial(leaf_draws.pick, roots)
+
+
+def _paper_update(reference, hess, stats, second, leaves, rate, probe):
+  return curvature.paper_update(reference, hess, stats, second, leaves.draws,
+                                rate, probe)
+
+
+def _paper_rule(reference: bool) -> Rule:
+  masked = optax.MaskedNode()
+  return Rule(
+      init=_paper_init, init_stats=lambda: None,
+      update=functools.partial(_paper_update, reference),
+      shapes_fit=paper_rule.shapes_fit, layout="leaves",
+      split=lambda hessian, treedef: [
+          None if isinstance(h, optax.MaskedNode) else h
+          for h in treedef.flatten_up_to(hessian)],
+      per_leaf=lambda hess: hess,
+      store=lambda hess, treedef, numbers: treedef.unflatten(
+          [masked if h is None else h for h in hess]),
+      inv_sqrt=_paper_inv_sqrt,
+      last_array=lambda hess, i: curvature.updated_array(hess[i]),
+      carried_form=lambda hessian, numbers, carried: hessian)
+
+
+# The rules as this program computes them: "signed" is the core's update on
+# grouped_curvature's joined H; "paper" and "reference" are curvature.py's.
+RULES = {
+    "signed": Rule(
+        init=signed_rule.init, init_stats=signed_rule.init_stats,
+        update=signed_rule.update, shapes_fit=signed_rule.shapes_fit,
+        layout="factors", split=grouped_curvature.split,
+        per_leaf=lambda hess: hess.per_leaf, store=grouped_curvature.store,
+        inv_sqrt=grouped_curvature.inv_sqrt,
+        last_array=grouped_curvature.last_array,
+        carried_form=grouped_curvature.carried_form),
+    "paper": _paper_rule(False),
+    "reference": _paper_rule(True),
+}

@@ -20,9 +20,7 @@ from hizoo_jax.core import paper_rule
 # The state's types and the pure helpers are the core's (one definition for
 # both programs).
 FactoredHessian = paper_rule.FactoredHessian
-factored_axes = paper_rule.factored_axes
 factor_sharding = paper_rule._without  # pylint: disable=protected-access
-init = paper_rule.init
 expand = paper_rule.expand
 
 
@@ -55,14 +53,13 @@ def updated_array(h):
   return h.col if isinstance(h, FactoredHessian) else h
 
 
-def paper_update(reference: bool, hess: list, stats, second, draw, shapes,
-                 rate, probe):
+def paper_update(reference: bool, hess: list, stats, second, draw, rate,
+                 probe):
   """Eq. 8-9 (or the official code's form) on every trainable leaf.
 
   ``draw`` is a :class:`hizoo_jax.noise.Draws`; ``stats`` is unused (None).
   Returns ``(new hess list, stats)``.
   """
-  del shapes
   rate = jnp.where(probe, rate, 0.0)
   new, previous = list(hess), None
   for i, h in enumerate(hess):

@@ -22,7 +22,6 @@ import optax
 from hizoo_jax import _checks
 from hizoo_jax import compact
 from hizoo_jax import program as _program
-from hizoo_jax import rules
 from hizoo_jax.core import estimators as core
 from hizoo_jax.core import rules as core_rules
 
@@ -49,9 +48,9 @@ def _zo_estimator(
   chooses."""
   with_curvature = estimator is not None
   if with_curvature:
-    if estimator not in rules.RULES:
-      raise ValueError(
-          f"estimator must be one of {sorted(rules.RULES)}, got {estimator!r}.")
+    if estimator not in core_rules.RULES:
+      raise ValueError(f"estimator must be one of {sorted(core_rules.RULES)}, "
+                       f"got {estimator!r}.")
     rule = core_rules.RULES[estimator]
     if hessian_smooth is None:
       hessian_smooth = rule.default_rate
@@ -72,7 +71,7 @@ def _zo_estimator(
       hessian_dtype, jnp.floating):
     raise TypeError(f"hessian_dtype must be a float dtype, got {hessian_dtype}.")
   compact_program = _program.resolve(program) == "compact"
-  table = rules.RULES if compact_program else core_rules.RULES
+  table = compact.RULES if compact_program else core_rules.RULES
   config = core.Config(
       mu=mu, mask=mask, key=key,
       num_queries=_checks.static_int(num_queries, "num_queries", 1),

@@ -24,11 +24,6 @@ from hizoo_jax import _xla
 from hizoo_jax import joined_factors
 from hizoo_jax import range_sums
 from hizoo_jax.core import leafwise
-# The rule's constants, state types and pure helpers are the core's.
-from hizoo_jax.core.signed_rule import (  # pylint: disable=unused-import
-    CLIP, DEFAULT_RATE, FLOOR, GRANULARITIES, STATS_RATE, GroupedStats,
-    factor_shapes, factor_sharding, init, init_stats, num_factors,
-    shapes_fit)
 
 class Factors(NamedTuple):
   """H as this rule computes with it (:func:`split`)."""
@@ -106,7 +101,7 @@ def join(per_leaf: list, treedef, masked=optax.MaskedNode(),
          count=None) -> tuple:
   """The state's tuple of factor trees from per-leaf tuples (None: frozen).
 
-  ``count``: how many trees (:func:`num_factors`); None: as many as the
+  ``count``: how many trees (:func:`hizoo_jax.core.signed_rule.num_factors`); None: as many as the
   leaves have. init passes it, so that params without leaves (optax's
   placeholder in ``optax.tree.map_params``) give HiZOO-L's two trees too.
   """

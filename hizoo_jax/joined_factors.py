@@ -17,7 +17,7 @@ import numpy as np
 
 from hizoo_jax import _xla
 from hizoo_jax import noise
-from hizoo_jax.core.signed_rule import shared_axes
+from hizoo_jax.core.leafwise import shared_axes
 
 
 class Slot:

@@ -38,7 +38,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hizoo_jax import curvature
-from hizoo_jax import grouped_curvature
+from hizoo_jax.core import signed_rule
 from hizoo_jax.zo_state import ZOState
 
 
@@ -108,7 +108,7 @@ class _Assigner:
     if _is_array_like(node) and len(node.shape) == len(shape) and all(
         a in (1, n) for a, n in zip(node.shape, shape)):
       # A curvature factor: sharded like the leaf on the axes it keeps.
-      return grouped_curvature.factor_sharding(sharding, shape, node.shape)
+      return signed_rule.factor_sharding(sharding, shape, node.shape)
     return self.everything_replicated(node)
 
   def like_leaves(self, tree):

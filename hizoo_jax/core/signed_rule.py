@@ -35,8 +35,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hizoo_jax.core import leafwise
-from hizoo_jax.core.leafwise import shared_axes  # noqa: F401 (re-exported)
 
 GRANULARITIES = ("tensor", "row", "column", "factored", "element")
 DEFAULT_RATE = 0.05
