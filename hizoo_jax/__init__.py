@@ -15,7 +15,7 @@ from hizoo_jax.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from hizoo_jax.curvature import FactoredHessian
+from hizoo_jax.core.paper_rule import FactoredHessian
 from hizoo_jax.core.signed_rule import GroupedStats
 from hizoo_jax.estimator import scale_by_hizoo, scale_by_mezo
 from hizoo_jax.inspection import curvature_tree, step_noise

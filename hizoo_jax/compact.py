@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import optax
 
 from hizoo_jax import _xla
-from hizoo_jax import curvature
 from hizoo_jax import fusible
 from hizoo_jax import grouped_curvature
 from hizoo_jax import leaf_draws
@@ -75,6 +74,33 @@ class Leaves(NamedTuple):
   def shared(self, values):
     """``values`` read by every leaf, stored once (_xla.computed_once)."""
     return _xla.computed_once(values, self.zero)
+
+  # H per coordinate: the published rules' boundary.
+  def estimate_map(self, fn, hess: list) -> list:
+    """As core.leafwise's: each estimate's draw is salted (noise.salt) so that
+    XLA regenerates z for it instead of storing it, and a factored leaf's
+    first estimate waits for the previous factored leaf's result: where a
+    reduction stores its operand (XLA:CPU meshes), one leaf-sized estimate
+    is live at a time."""
+    new, previous = list(hess), None
+    for i, h in enumerate(hess):
+      if h is None:
+        continue
+      factored = isinstance(h, paper_rule.FactoredHessian)
+      def draw(after=None, i=i, h=h, first=(previous if factored else None)):
+        order = after if after is not None else first
+        salt = self.draws.salt(0 if order is None else order)
+        # H as this estimate reads it waits for the salt too, so that XLA
+        # does not expand every leaf's factored H at once.
+        h_read = jax.tree.map(lambda a: jnp.where(salt == 0, a, 1), h)
+        return h_read, [self.draws.z(i, j, salt)
+                        for j in range(self.draws.seeds.shape[0])]
+      new[i] = fn(h, draw)
+      previous = new[i].col if factored else previous
+    return new
+
+  def mean(self, x: jax.Array, axis: int) -> jax.Array:
+    return _xla.fused_mean(x, axis)
 
 
 class Scales(NamedTuple):
@@ -235,16 +261,11 @@ def _paper_inv_sqrt(hess, numbers):
   return functools.partial(leaf_draws.pick, roots)
 
 
-def _paper_update(reference, hess, stats, second, leaves, rate, probe):
-  return curvature.paper_update(reference, hess, stats, second, leaves.draws,
-                                rate, probe)
-
-
 def _paper_rule(reference: bool) -> Rule:
   masked = optax.MaskedNode()
   return Rule(
       init=_paper_init, init_stats=lambda: None,
-      update=functools.partial(_paper_update, reference),
+      update=functools.partial(paper_rule.update, reference),
       shapes_fit=paper_rule.shapes_fit, layout="leaves",
       split=lambda hessian, treedef: [
           None if isinstance(h, optax.MaskedNode) else h
@@ -253,12 +274,14 @@ def _paper_rule(reference: bool) -> Rule:
       store=lambda hess, treedef, numbers: treedef.unflatten(
           [masked if h is None else h for h in hess]),
       inv_sqrt=_paper_inv_sqrt,
-      last_array=lambda hess, i: curvature.updated_array(hess[i]),
+      last_array=lambda hess, i: (
+          hess[i].col if isinstance(hess[i], paper_rule.FactoredHessian)
+          else hess[i]),
       carried_form=lambda hessian, numbers, carried: hessian)
 
 
-# The rules as this program computes them: "signed" is the core's update on
-# grouped_curvature's joined H; "paper" and "reference" are curvature.py's.
+# The core's rules, with H as this program holds it: "signed" on
+# grouped_curvature's joined vector, "paper" and "reference" per leaf.
 RULES = {
     "signed": Rule(
         init=signed_rule.init, init_stats=signed_rule.init_stats,

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hizoo_jax import curvature
+from hizoo_jax.core import paper_rule
 from hizoo_jax import noise
 from hizoo_jax.zo_state import find_state
 
@@ -106,7 +106,7 @@ def curvature_tree(state, params, *, expand: bool = True):
     else:
       if not expand:
         return h
-      product = curvature.expand(h)
+      product = paper_rule.expand(h)
     return jnp.broadcast_to(product, jnp.shape(x))
 
   return treedef.unflatten([leaf_h(h, x) for h, x in zip(per_leaf, leaves)])

@@ -37,7 +37,7 @@ import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from hizoo_jax import curvature
+from hizoo_jax.core import paper_rule
 from hizoo_jax.core import signed_rule
 from hizoo_jax.zo_state import ZOState
 
@@ -98,11 +98,11 @@ class _Assigner:
     sharding, shape = self.shardings[i], self.shapes[i]
     if isinstance(node, optax.MaskedNode) or node is None:
       return node
-    if isinstance(node, curvature.FactoredHessian):
+    if isinstance(node, paper_rule.FactoredHessian):
       return dataclasses.replace(
           node,
-          row=curvature.factor_sharding(sharding, len(shape), node.col_axis),
-          col=curvature.factor_sharding(sharding, len(shape), node.row_axis))
+          row=paper_rule.factor_sharding(sharding, len(shape), node.col_axis),
+          col=paper_rule.factor_sharding(sharding, len(shape), node.row_axis))
     if _is_array_like(node) and tuple(node.shape) == shape:
       return sharding
     if _is_array_like(node) and len(node.shape) == len(shape) and all(
@@ -129,7 +129,7 @@ class _Assigner:
     except (ValueError, TypeError):
       return None
     for entry, shape in zip(entries, self.shapes):
-      if isinstance(entry, (optax.MaskedNode, curvature.FactoredHessian)):
+      if isinstance(entry, (optax.MaskedNode, paper_rule.FactoredHessian)):
         continue
       if entry is None or (_is_array_like(entry) and tuple(entry.shape) == shape):
         continue

@@ -8,7 +8,7 @@ import pytest
 
 import hizoo_jax as hz
 from hizoo_jax import _xla
-from hizoo_jax import curvature
+from hizoo_jax.core import paper_rule
 import numpy_reference as ref
 
 MU = 1e-2
@@ -55,7 +55,7 @@ def f64(tree):
 def hess_f64(hessian):
   out = {}
   for name, h in hessian.items():
-    if isinstance(h, curvature.FactoredHessian):
+    if isinstance(h, paper_rule.FactoredHessian):
       out[name] = (np.asarray(h.row, np.float64), np.asarray(h.col, np.float64),
                    h.row_axis, h.col_axis)
     else:
@@ -81,7 +81,7 @@ def test_hizoo_matches_numpy_over_steps(estimator, factored):
   params = make_params()
   state = tx.init(params)
   if factored:
-    assert isinstance(state.hessian["w"], curvature.FactoredHessian)
+    assert isinstance(state.hessian["w"], paper_rule.FactoredHessian)
     assert state.hessian["w"].row.shape == (6,)
     assert state.hessian["w"].col.shape == (4,)
     assert state.hessian["t"].row.shape == (2, 5)  # axes 1 and 2 factored

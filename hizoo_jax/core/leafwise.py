@@ -96,6 +96,26 @@ class Leaves(NamedTuple):
     """``values`` read by every leaf (the compact program stores them)."""
     return values
 
+  # H per coordinate (hizoo_jax.core.paper_rule).
+
+  def estimate_map(self, fn: Callable, hess: list) -> list:
+    """``fn(h, draw)`` on every trainable leaf's H (None elsewhere).
+
+    ``draw(after=None)`` gives ``(h, zs)``: the leaf's z at every query,
+    drawn for one consumer of its own (``after`` is for the compact
+    program's ordering)."""
+    def one(i, h):
+      uses = iter(range(ESTIMATE, ESTIMATE + 8))
+      def draw(after=None):
+        del after  # XLA orders the plain program
+        use = next(uses)
+        return h, [self.z(i, j, use) for j in range(self.seeds.shape[0])]
+      return fn(h, draw)
+    return [None if h is None else one(i, h) for i, h in enumerate(hess)]
+
+  def mean(self, x: jax.Array, axis: int) -> jax.Array:
+    return jnp.mean(x, axis=axis)
+
 
 class FactorInfo(NamedTuple):
   """What a factor's groups are (scalars; per entry in a joined vector)."""

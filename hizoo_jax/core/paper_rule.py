@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hizoo_jax.core import leafwise
 
 GRANULARITIES = ("element", "factored")
 DEFAULT_RATE = 1e-6
@@ -59,7 +58,7 @@ def factored_axes(shape, min_dim_size_to_factor: int
   return min(first, second), max(first, second)
 
 
-def _without(sharding, ndim: int, axis: int):
+def factor_sharding(sharding, ndim: int, axis: int):
   """A leaf's NamedSharding (or None) for the leaf without ``axis``."""
   if sharding is None:
     return None
@@ -76,9 +75,11 @@ def init(shape, axes: Optional[tuple[int, int]], dtype, sharding=None):
   row_axis, col_axis = axes
   return FactoredHessian(
       row=jnp.ones(np.delete(shape, col_axis), dtype,
-                   out_sharding=_without(sharding, len(shape), col_axis)),
+                   out_sharding=factor_sharding(sharding, len(shape),
+                                                col_axis)),
       col=jnp.ones(np.delete(shape, row_axis), dtype,
-                   out_sharding=_without(sharding, len(shape), row_axis)),
+                   out_sharding=factor_sharding(sharding, len(shape),
+                                                row_axis)),
       row_axis=row_axis, col_axis=col_axis)
 
 
@@ -114,29 +115,41 @@ def estimate(h, second: jax.Array, zs: list, reference: bool) -> jax.Array:
   return expand(h).astype(jnp.float32) * total / len(zs)
 
 
-def ema(h, est: jax.Array, rate: jax.Array, reference: bool):
-  """One EMA step of H (full, or its factors) towards ``est``."""
-  def step(old, target):
-    target, r = target.astype(old.dtype), rate.astype(old.dtype)
-    return (1 - r) * old + r * target if reference else old + r * (target - old)
+def ema(old: jax.Array, target: jax.Array, rate: jax.Array,
+        reference: bool) -> jax.Array:
+  """One EMA step of ``old`` towards ``target``.
 
-  if not isinstance(h, FactoredHessian):
-    return step(h, est)
-  return dataclasses.replace(
-      h, row=step(h.row, jnp.mean(est, axis=h.col_axis)),
-      col=step(h.col, jnp.mean(est, axis=h.row_axis)))
+  ``H + rate (est - H)`` moves both ways while ``rate (est - H)`` is
+  representable; the official ``(1 - rate) H + rate est`` does not move in
+  float32 for rate below ~3e-8 (``1 - rate`` rounds to 1).
+  """
+  target, r = target.astype(old.dtype), rate.astype(old.dtype)
+  return (1 - r) * old + r * target if reference else old + r * (target - old)
 
 
-def update(reference: bool, hess: list, stats, second: jax.Array,
-           leaves: leafwise.Leaves, rate: jax.Array, probe: jax.Array):
+def update(reference: bool, hess: list, stats, second: jax.Array, leaves,
+           rate: jax.Array, probe: jax.Array):
   """Eq. 8-9 (or the official code's form) on every trainable leaf.
+
+  ``leaves.estimate_map`` hands each leaf's H and ``draw(after=None)``:
+  the leaf's z at every query, drawn afresh for one estimate (after the
+  array ``after``, where given), and H as that estimate reads it.
 
   Returns ``(new hess, stats)``; ``stats`` is unused (None).
   """
   rate = jnp.where(probe, rate, 0.0)
-  queries = range(second.shape[0])
-  new = leafwise.noise_map(
-      leaves, lambda zs, h: ema(h, estimate(h, second, zs, reference), rate,
-                                reference), queries, hess,
-      use=leafwise.ESTIMATE)
-  return new, stats
+
+  def new_h(h, draw):
+    def est(after=None):
+      h_read, zs = draw(after)
+      return estimate(h_read, second, zs, reference)
+    if not isinstance(h, FactoredHessian):
+      return ema(h, est(), rate, reference)
+    row = ema(h.row, leaves.mean(est(), h.col_axis), rate, reference)
+    # The columns' estimate after the rows': one leaf-sized estimate at a
+    # time where a reduction stores its operand.
+    col = ema(h.col, leaves.mean(est(after=row), h.row_axis), rate,
+              reference)
+    return dataclasses.replace(h, row=row, col=col)
+
+  return leaves.estimate_map(new_h, hess), stats
