@@ -159,10 +159,9 @@ def mezo_transform(config: Config, program: Program = PLAIN
   scheme = schemes.central(config.num_queries)
 
   def init_fn(params):
-    leaves = leafwise.leaves_of(params, config.mask, noise.key_words(
-        config.key), jnp.zeros([], jnp.int32), 1)  # checks the params
+    values, _, treedef, _ = leafwise.checked_leaves(params, config.mask)
     return new_state(noise.key_words(config.key), leaf_numbers=(
-        program.leaf_numbers(leaves.treedef, len(leaves.values))))
+        program.leaf_numbers(treedef, len(values))))
 
   def update_fn(updates, state, params=None, *, value_fn=None, **extra):
     del updates  # zeroth order: the incoming updates are not used.
@@ -203,17 +202,14 @@ def hizoo_transform(config: Config, program: Program = PLAIN
   scheme = schemes.central(q, center_every=config.every)
 
   def init_fn(params):
-    leaves = leafwise.leaves_of(params, config.mask,
-                                noise.key_words(config.key),
-                                jnp.zeros([], jnp.int32), 1)
-    layers = _checks.stacked_leaves(config.stacked, params, leaves.treedef,
-                                    leaves.paths)
+    values, paths, treedef, trainable = leafwise.checked_leaves(
+        params, config.mask)
+    layers = _checks.stacked_leaves(config.stacked, params, treedef, paths)
     hess = [_init_leaf(config, x, layer) if keep else None
-            for x, keep, layer in zip(leaves.values, leaves.trainable, layers)]
-    return new_state(
-        noise.key_words(config.key), _to_state(config, hess, leaves.treedef),
-        rule.init_stats(),
-        program.leaf_numbers(leaves.treedef, len(leaves.values)))
+            for x, keep, layer in zip(values, trainable, layers)]
+    return new_state(noise.key_words(config.key),
+                     _to_state(config, hess, treedef), rule.init_stats(),
+                     program.leaf_numbers(treedef, len(values)))
 
   def update_fn(updates, state, params=None, *, value_fn=None, **extra):
     del updates  # zeroth order: the incoming updates are not used.

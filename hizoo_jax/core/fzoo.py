@@ -106,8 +106,7 @@ def scale_by_fzoo(eps=1e-3, *, num_probes: int = 8, noise: str = "rademacher",
   scheme = schemes.one_sided(n)
 
   def init_fn(params):
-    leafwise.leaves_of(params, mask, _noise.key_words(key),
-                       jnp.zeros([], jnp.int32), 1)  # checks the params
+    leafwise.checked_leaves(params, mask)  # raises on bad params
     zero = lambda: jnp.zeros([], jnp.float32)  # noqa: E731 (distinct buffers)
     return FZOOState(count=jnp.zeros([], jnp.int32),
                      rng_key=_noise.key_words(key), loss=zero(),
