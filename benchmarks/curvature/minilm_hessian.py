@@ -29,9 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "..", "examples"))
-import _data  # noqa: E402
-import _model  # noqa: E402
+sys.path.insert(0, HERE)
+import kshot  # noqa: E402
 
 import hizoo_jax as hz  # noqa: E402
 
@@ -63,16 +62,10 @@ def main():
   if not os.path.isdir(args.data_dir):
     sys.exit(f"no SST-2 data in {args.data_dir}: pass --data-dir.")
 
-  clf = _model.load(_model.DEFAULT_MODEL, "embed", ["terrible", "great"])
-  pool, _ = _data.load_tsv_dir(args.data_dir)
-  train_set = _data.sample_k_shot(pool, args.k, args.seed)
-  batch = clf.encode(train_set.texts, args.max_length)
-  batch["labels"] = train_set.labels
-  objective = _model.objective_fn("loss")
-
-  def loss_fn(train, batch):
-    return objective(clf.logits(train["model"], train["head"], batch),
-                     batch["labels"])
+  clf = kshot.load_model()
+  batch, _, _ = kshot.train_batch(clf, args.data_dir, args.k, args.seed,
+                                  args.max_length)
+  loss_fn = kshot.loss_fn(clf)
 
   params = {"model": clf.params, "head": clf.head}
   names = [jax.tree_util.keystr(p)
