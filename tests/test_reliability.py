@@ -141,6 +141,25 @@ def test_reduce_on_plateau_reads_the_lean_steps_loss(program):
   assert np.isfinite(float(plateau.avg_value))
 
 
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_plateau_value_on_steps_that_skip_theta(program):
+  """With curvature_every = 2 every other step evaluates no L(theta); the
+  value handed downstream is then the mean of the perturbed points', never
+  the unevaluated slot."""
+  tx = hz.chain(hz.scale_by_hizoo(1e-3, curvature_every=2, program=program),
+                optax.scale_by_learning_rate(0.05),
+                optax.contrib.reduce_on_plateau(patience=100,
+                                                accumulation_size=100))
+  step = hz.make_train_step(tx, lambda p, b: loss(p), donate=False)
+  params, state, seen = PARAMS, tx.init(PARAMS), []
+  for _ in range(4):
+    seen.append(float(loss(params)))
+    params, state, _ = step(params, state, None)
+    # avg_value: the mean of the values handed over so far.
+    np.testing.assert_allclose(float(state[-1].avg_value), np.mean(seen),
+                               rtol=1e-2)
+
+
 def _mlp():
   rng = np.random.default_rng(0)
   params = {"w": jnp.asarray(rng.normal(size=(16, 8)) * 0.4, jnp.float32),
