@@ -13,6 +13,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from hizoo_jax import zo_state
+
 SCALARS = (bool, int, float, complex, np.generic)
 KEY_WORDS = {"key<fry>": 2, "key<rbg>": 4, "key<urbg>": 4}  # data words
 
@@ -87,3 +89,32 @@ def decode(target, stored):
     sharding = getattr(target, "sharding", None)
     return key if sharding is None else jax.device_put(key, sharding)
   return stored
+
+
+def toggle_leaf_numbers(opt_state, params, like=None):
+  """``opt_state`` with each estimator state's ``leaf_numbers`` switched
+  between None (the plain program's) and a tree of leaf numbers (the compact
+  program's; as ``like``'s, if given), so that a checkpoint of either
+  program restores into the other; None if it holds no estimator state."""
+  treedef = jax.tree.structure(params)
+  numbers = treedef.unflatten(
+      [np.uint32(i) for i in range(treedef.num_leaves)])
+  found = []
+
+  def toggle(node, target):
+    if not isinstance(node, zo_state.ZOState):
+      return node
+    found.append(node)
+    want_none = (node.leaf_numbers is not None if target is None
+                 else target.leaf_numbers is None)
+    if want_none:
+      return node._replace(leaf_numbers=None)
+    leaf_numbers = numbers if target is None else target.leaf_numbers
+    return node._replace(leaf_numbers=leaf_numbers)
+
+  is_state = lambda x: isinstance(x, zo_state.ZOState)  # noqa: E731
+  if like is None:
+    out = jax.tree.map(lambda n: toggle(n, None), opt_state, is_leaf=is_state)
+  else:
+    out = jax.tree.map(toggle, opt_state, like, is_leaf=is_state)
+  return out if found else None

@@ -62,10 +62,10 @@ import numpy as np
 
 from hizoo_jax import _checksum
 from hizoo_jax import _orbax_quiet
-from hizoo_jax import zo_state
 from hizoo_jax import dirlock
 from hizoo_jax._checkpoint_leaves import (KEY_WORDS, abstract_flat, decode,
-                                          describe, host_only)
+                                          describe, host_only,
+                                          toggle_leaf_numbers)
 from hizoo_jax._checkpoint_leaves import flat as flat_tree
 
 _FORMAT = "hizoo_jax.checkpoint/2"  # /2: with checksums.
@@ -386,42 +386,15 @@ def restore_checkpoint(directory, params, opt_state, *,
     # A checkpoint of the other program (hizoo_jax.program): the compact
     # program's estimator state also holds leaf_numbers, the plain one's
     # None. Read it into the other layout, then return the target's.
-    other = _toggle_leaf_numbers(opt_state, params)
+    other = toggle_leaf_numbers(opt_state, params)
     if other is None:
       raise
     try:
       step_, params_, state_ = _restore(directory, params, other, step)
     except CheckpointError:
       raise error from None
-    return step_, params_, _toggle_leaf_numbers(state_, params, like=opt_state)
-
-
-def _toggle_leaf_numbers(opt_state, params, like=None):
-  """``opt_state`` with each estimator state's ``leaf_numbers`` switched
-  between None and a tree of leaf numbers (as ``like``'s, if given); None
-  if it holds no estimator state."""
-  treedef = jax.tree.structure(params)
-  numbers = treedef.unflatten(
-      [np.uint32(i) for i in range(treedef.num_leaves)])
-  found = []
-
-  def toggle(node, target):
-    if not isinstance(node, zo_state.ZOState):
-      return node
-    found.append(node)
-    want_none = (node.leaf_numbers is not None if target is None
-                 else target.leaf_numbers is None)
-    if want_none:
-      return node._replace(leaf_numbers=None)
-    leaf_numbers = numbers if target is None else target.leaf_numbers
-    return node._replace(leaf_numbers=leaf_numbers)
-
-  is_state = lambda x: isinstance(x, zo_state.ZOState)  # noqa: E731
-  if like is None:
-    out = jax.tree.map(lambda n: toggle(n, None), opt_state, is_leaf=is_state)
-  else:
-    out = jax.tree.map(toggle, opt_state, like, is_leaf=is_state)
-  return out if found else None
+    return step_, params_, toggle_leaf_numbers(
+        state_, params, like=opt_state)
 
 
 def _restore(directory, params, opt_state, step):
