@@ -13,6 +13,10 @@ tree for downstream transformations:
 
 averaged over ``num_queries`` draws of z. A non-finite loss or hyperparameter
 skips the step: zero updates, H unchanged, counted in ``skipped``.
+
+The estimators reach the leaves through a :class:`Program`: :data:`PLAIN`
+here, or :data:`hizoo_jax.compact.PROGRAM`, the same mathematics compiled
+for XLA:CPU (:mod:`hizoo_jax.program` chooses).
 The public constructors with their options are
 :func:`hizoo_jax.scale_by_mezo` and :func:`hizoo_jax.scale_by_hizoo`.
 """
