@@ -37,11 +37,6 @@ from hizoo_jax.core import paper_rule
 from hizoo_jax.core import signed_rule
 from hizoo_jax.zo_state import Perturbation
 
-_OTHER_STRUCTURE = (
-    "params do not have the structure the optimizer state was initialised "
-    "with.")
-
-
 class Leaves(NamedTuple):
   """The parameters of one step, leaf by leaf, and the step's noise."""
 
@@ -117,7 +112,7 @@ def leaves_of(params, config: core.Config, state, extra) -> Leaves:
   try:
     numbers = treedef.flatten_up_to(state.leaf_numbers)
   except (ValueError, TypeError) as e:
-    raise ValueError(_OTHER_STRUCTURE) from e
+    raise ValueError(core.OTHER_STRUCTURE) from e
   zero = (state.count >> 31).astype(jnp.uint32)  # 0; XLA cannot prove it.
   q = config.num_queries
   # Every leaf's seed for every query: (q, leaves, 2), one small vector op.
@@ -143,7 +138,7 @@ def hessian(config: core.Config, state_hessian, leaves: Leaves):
   try:
     hess = config.rule.split(state_hessian, leaves.treedef)
   except (ValueError, TypeError) as e:
-    raise ValueError(_OTHER_STRUCTURE) from e
+    raise ValueError(core.OTHER_STRUCTURE) from e
   core.check_hessian(config.rule, config.rule.per_leaf(hess), leaves)
   return hess
 

@@ -175,7 +175,7 @@ def factor_sums(factors: Factors, fn, leaves) -> dict:
   own = [(i, k) for i in live for k, f in enumerate(hess[i])
          if one_loop or not (k and f.shape == hess[i][0].shape)]
   sums = dict(zip(own, range_sums.group_sums(
-      leaves.draws, [(i, joined_factors.shared_axes(hess[i][k].shape,
+      leaves.draws, [(i, leafwise.shared_axes(hess[i][k].shape,
                                                     shapes[i]))
                      for i, k in own], shapes, fn)))
   for i in live:
@@ -233,8 +233,8 @@ def factor_total(factors: Factors, leaves) -> jax.Array:
       vector, joined, hess, leaves.numbers, only={i for i, _ in apart})
   def factor(i, k):
     return pieces[i, k] if (i, k) in pieces else hess[i][k]
-  total = sum(joined_factors.factored_total(factor(i, 0), factor(i, 1),
-                                            shapes[i])
+  total = sum(leafwise.factored_total((factor(i, 0), factor(i, 1)),
+                                      shapes[i])
               for i in sorted({i for i, _ in apart}) if len(hess[i]) == 2)
   if joined:
     info = _joined_info(joined, hess, shapes)

@@ -17,7 +17,6 @@ import numpy as np
 
 from hizoo_jax import _xla
 from hizoo_jax import noise
-from hizoo_jax.core.leafwise import shared_axes
 
 
 class Slot:
@@ -142,22 +141,10 @@ def reader(vector, keys: list, alone: dict, hess: list, numbers: list):
   return read
 
 
-def factored_total(rows, cols, leaf_shape) -> jax.Array:
-  """sum_i H_i over a leaf of factors ``rows`` x ``cols`` (no leaf-sized
-  product)."""
-  # rows vary along the row axis only, cols along the col axis only; an
-  # entry of both covers the leaf's axes that neither varies along.
-  shared = np.prod([n for r, c, n in zip(rows.shape, cols.shape, leaf_shape)
-                    if r == c == 1])
-  return jnp.sum(
-      jnp.sum(rows, axis=shared_axes(cols.shape, leaf_shape), keepdims=True)
-      * jnp.sum(cols, axis=shared_axes(rows.shape, leaf_shape),
-                keepdims=True)) * shared
-
-
 def joined_factored_total(h: jax.Array, joined: list, hess: list,
                            shapes) -> jax.Array:
-  """:func:`factored_total` of the two-factor leaves in ``joined``, summed.
+  """:func:`hizoo_jax.core.leafwise.factored_total` of the two-factor leaves
+  in ``joined``, summed.
 
   ``h`` holds the factors ``joined`` end to end. A block is one position
   along the axes both factors vary along (a layer of a stacked leaf); its

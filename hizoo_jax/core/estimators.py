@@ -38,6 +38,10 @@ from hizoo_jax.core import scheme as schemes
 from hizoo_jax.zo_state import Perturbation, ZOState
 
 
+OTHER_STRUCTURE = ("params do not have the structure the optimizer state "
+                   "was initialised with.")
+
+
 class Config(NamedTuple):
   """An estimator's validated options (see :func:`hizoo_jax.scale_by_hizoo`)."""
 
@@ -284,8 +288,7 @@ def _from_state(rule: rules.Rule, hessian, leaves: leafwise.Leaves) -> list:
     else:
       per_leaf = [tuple(fs) for fs in zip(*map(leaves.flat, hessian))]
   except (ValueError, TypeError) as e:
-    raise ValueError("params do not have the structure the optimizer state "
-                     "was initialised with.") from e
+    raise ValueError(OTHER_STRUCTURE) from e
   per_leaf = [None if isinstance(h[0] if isinstance(h, tuple) and h else h,
                                  optax.MaskedNode) else h for h in per_leaf]
   check_hessian(rule, per_leaf, leaves)
