@@ -38,9 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "..", "examples"))
-import _data  # noqa: E402
-import _model  # noqa: E402
+sys.path.insert(0, HERE)
+import kshot  # noqa: E402
 
 import hizoo_jax as hz  # noqa: E402
 
@@ -80,16 +79,10 @@ def per_tensor_h(state) -> dict:
 
 
 def run_one(args, clf_params, clf, method, data_seed, record, path):
-  pool, test = _data.load_tsv_dir(args.data_dir)
-  train_set = _data.sample_k_shot(pool, args.k, data_seed)
-  train_enc = clf.encode(train_set.texts, args.max_length)
-  train_enc["labels"] = train_set.labels
+  train_enc, _, test = kshot.train_batch(clf, args.data_dir, args.k,
+                                         data_seed, args.max_length)
   test_enc = clf.encode(test.texts, args.max_length)
-  objective = _model.objective_fn("loss")
-
-  def loss_fn(train, batch):
-    return objective(clf.logits(train["model"], train["head"], batch),
-                     batch["labels"])
+  loss_fn = kshot.loss_fn(clf)
 
   @jax.jit
   def predict(train, batch):
@@ -146,19 +139,14 @@ def main():
   parser = argparse.ArgumentParser(
       description=__doc__.split("\n")[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument("--data-dir", default=os.path.join(
-      HERE, "..", "..", "..", "shared", "data", "SST-2"),
-      help="GLUE SST-2 as TSV (train.tsv, dev.tsv, test.tsv)")
+  kshot.add_task_args(parser)
   parser.add_argument("--methods", default=",".join(METHODS),
                       help="comma-separated, run in this order")
   parser.add_argument("--seeds", default="13,21,42", help="data seeds")
-  parser.add_argument("--k", type=int, default=16, help="examples per class")
   parser.add_argument("--budget", type=int, default=1200,
                       help="forward passes per run")
   parser.add_argument("--eval-every", type=int, default=150,
                       help="evaluate every this many forward passes")
-  parser.add_argument("--max-length", type=int, default=48,
-                      help="tokens per sentence")
   parser.add_argument("--lr-mezo", type=float, default=2e-5,
                       help="MeZO learning rate")
   parser.add_argument("--lr-hizoo", type=float, default=2e-5,
@@ -167,12 +155,11 @@ def main():
                                                     "finetune_sst2.json"),
                       help="the record (resumed if it exists)")
   args = parser.parse_args()
-  if not os.path.isdir(args.data_dir):
-    sys.exit(f"no SST-2 data in {args.data_dir}: pass --data-dir.")
+  kshot.require_data(args.data_dir)
   record = json.load(open(args.out)) if os.path.exists(args.out) else {}
   record["config"] = {k: v for k, v in vars(args).items()
                       if k not in ("out", "data_dir")}
-  clf = _model.load(_model.DEFAULT_MODEL, "embed", ["terrible", "great"])
+  clf = kshot.load_model()
   params = clf.params
   for data_seed in [int(s) for s in args.seeds.split(",")]:
     for method in args.methods.split(","):

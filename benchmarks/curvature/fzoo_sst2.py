@@ -54,6 +54,8 @@ import optax
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "examples"))
+sys.path.insert(0, HERE)
+import kshot  # noqa: E402
 import _data  # noqa: E402
 import _model  # noqa: E402
 
@@ -339,19 +341,14 @@ def main():
   parser = argparse.ArgumentParser(
       description=__doc__.split("\n")[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument("--data-dir", default=os.path.join(
-      HERE, "..", "..", "..", "shared", "data", "SST-2"),
-      help="GLUE SST-2 as TSV (train.tsv, dev.tsv, test.tsv)")
+  kshot.add_task_args(parser)
   parser.add_argument("--methods", default=",".join(PASSES),
                       help="comma-separated subset of the methods")
   parser.add_argument("--seeds", default="13,21,42", help="data seeds")
-  parser.add_argument("--k", type=int, default=16, help="examples per class")
   parser.add_argument("--budget", type=int, default=600,
                       help="forward passes per run")
   parser.add_argument("--eval-every", type=int, default=100,
                       help="evaluate every this many forward passes")
-  parser.add_argument("--max-length", type=int, default=48,
-                      help="tokens per sentence")
   parser.add_argument("--measure-variance", action="store_true",
                       help="measure each estimate against autodiff (after "
                       "the first learning-rate selections)")
@@ -388,8 +385,7 @@ def main():
   import fzoo_report  # pylint: disable=import-outside-toplevel
   png = os.path.splitext(args.out)[0] + ".png"
   if not args.report_only:
-    if not os.path.isdir(args.data_dir):
-      sys.exit(f"no SST-2 data in {args.data_dir}: pass --data-dir.")
+    kshot.require_data(args.data_dir)
     os.makedirs(args.ckpt_dir, exist_ok=True)
     clf = _model.load(_model.DEFAULT_MODEL, "embed", ["terrible", "great"])
     tasks = {}

@@ -16,6 +16,22 @@ import _data  # noqa: E402
 import _model  # noqa: E402
 
 LABEL_WORDS = ["terrible", "great"]
+DATA_DIR = os.path.join(HERE, "..", "..", "..", "shared", "data", "SST-2")
+
+
+def add_task_args(parser) -> None:
+  """The task's options: ``--data-dir``, ``--k``, ``--max-length``."""
+  parser.add_argument("--data-dir", default=DATA_DIR,
+                      help="GLUE SST-2 as TSV (train.tsv, dev.tsv, test.tsv)")
+  parser.add_argument("--k", type=int, default=16, help="examples per class")
+  parser.add_argument("--max-length", type=int, default=48,
+                      help="tokens per sentence")
+
+
+def require_data(data_dir: str) -> None:
+  """Exits with a clear message where the SST-2 folder is missing."""
+  if not os.path.isdir(data_dir):
+    sys.exit(f"no SST-2 data in {data_dir}: pass --data-dir.")
 
 
 def load_model():

@@ -45,12 +45,8 @@ def main():
   parser = argparse.ArgumentParser(
       description=__doc__.split("\n")[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument("--data-dir", default=os.path.join(
-      HERE, "..", "..", "..", "shared", "data", "SST-2"),
-      help="GLUE SST-2 as TSV")
+  kshot.add_task_args(parser)
   parser.add_argument("--seed", type=int, default=13, help="data seed")
-  parser.add_argument("--k", type=int, default=16, help="examples per class")
-  parser.add_argument("--max-length", type=int, default=48, help="tokens")
   parser.add_argument("--probes", type=int, default=64,
                       help="Hutchinson probes")
   parser.add_argument("--steps", type=int, default=400, help="HiZOO steps")
@@ -59,8 +55,7 @@ def main():
   parser.add_argument("--out", default=os.path.join(HERE, "results"),
                       help="folder for minilm_hessian.json and .png")
   args = parser.parse_args()
-  if not os.path.isdir(args.data_dir):
-    sys.exit(f"no SST-2 data in {args.data_dir}: pass --data-dir.")
+  kshot.require_data(args.data_dir)
 
   clf = kshot.load_model()
   batch, _, _ = kshot.train_batch(clf, args.data_dir, args.k, args.seed,

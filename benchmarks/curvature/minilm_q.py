@@ -36,18 +36,14 @@ def main():
   parser = argparse.ArgumentParser(
       description=__doc__.split("\n\n")[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument("--data-dir", default=os.path.join(
-      HERE, "..", "..", "..", "shared", "data", "SST-2"))
+  kshot.add_task_args(parser)
   parser.add_argument("--seed", type=int, default=13, help="data seed")
-  parser.add_argument("--k", type=int, default=16, help="examples per class")
-  parser.add_argument("--max-length", type=int, default=48, help="tokens")
   parser.add_argument("--steps", type=int, default=60, help="HiZOO steps")
   parser.add_argument("--lr", type=float, default=2.5e-4)
   parser.add_argument("--mu", type=float, default=1e-3)
   parser.add_argument("--out", default=os.path.join(HERE, "results"))
   args = parser.parse_args()
-  if not os.path.isdir(args.data_dir):
-    sys.exit(f"no SST-2 data in {args.data_dir}: pass --data-dir.")
+  kshot.require_data(args.data_dir)
 
   clf = kshot.load_model()
   batch, _, _ = kshot.train_batch(clf, args.data_dir, args.k, args.seed,
