@@ -88,7 +88,10 @@ def add_decayed_weights(weight_decay, mask=None
   """
   inner = optax.add_decayed_weights(weight_decay, mask)
   if isinstance(weight_decay, (int, float)) and weight_decay == 0.0:
-    return optax.with_extra_args_support(inner)
+    # optax's state (checkpoints keep their layout); nothing to add, so the
+    # mask is never evaluated and 0 * an infinite weight cannot make a NaN.
+    return optax.GradientTransformationExtraArgs(
+        inner.init, lambda updates, state, params=None, **_: (updates, state))
 
   def update_fn(updates, state, params=None, *, zo_ok=True, **extra_args):
     del extra_args

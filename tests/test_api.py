@@ -114,6 +114,28 @@ def test_weight_decay_spares_vectors_by_default():
   np.testing.assert_array_equal(updates["b"], 0)
 
 
+def test_no_weight_decay_adds_nothing_and_keeps_optax_state():
+  """With weight_decay=0 the step never evaluates the decay mask and the
+  update is the estimator's alone; the state keeps optax's layout."""
+  params = params_tree()
+  calls = []
+
+  def mask(p):
+    calls.append(1)
+    return jax.tree.map(lambda x: x.ndim == 2, p)
+
+  tx = hz.mezo(0.1, weight_decay_mask=mask)
+  state = tx.init(params)
+  expected = optax.add_decayed_weights(0.0, mask).init(params)
+  assert jax.tree.structure(state[1]) == jax.tree.structure(expected)
+  calls.clear()
+  updates, _ = jax.jit(lambda s, p: tx.update(
+      None, s, p, value_fn=lambda q: jnp.float32(1.0)))(state, params)
+  assert not calls  # g = 0 above, so the update is zero:
+  for u in jax.tree.leaves(updates):
+    np.testing.assert_array_equal(u, 0)
+
+
 def test_schedules_are_evaluated_every_step():
   params = {"w": jnp.zeros(5)}
   mu = optax.piecewise_constant_schedule(1e-3, {1: 10.0})  # 1e-3 then 1e-2
