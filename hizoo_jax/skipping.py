@@ -89,7 +89,7 @@ def add_decayed_weights(weight_decay, mask=None
   inner = optax.add_decayed_weights(weight_decay, mask)
   if isinstance(weight_decay, (int, float)) and weight_decay == 0.0:
     # optax's state (checkpoints keep their layout); nothing to add, so the
-    # mask is never evaluated and 0 * an infinite weight cannot make a NaN.
+    # step does not evaluate the mask.
     return optax.GradientTransformationExtraArgs(
         inner.init, lambda updates, state, params=None, **_: (updates, state))
 
