@@ -101,9 +101,10 @@ def join(per_leaf: list, treedef, masked=optax.MaskedNode(),
          count=None) -> tuple:
   """The state's tuple of factor trees from per-leaf tuples (None: frozen).
 
-  ``count``: how many trees (:func:`hizoo_jax.core.signed_rule.num_factors`); None: as many as the
-  leaves have. init passes it, so that params without leaves (optax's
-  placeholder in ``optax.tree.map_params``) give HiZOO-L's two trees too.
+  ``count``: how many trees (:func:`hizoo_jax.core.signed_rule.num_factors`);
+  None: as many as the leaves have. init passes it, so that params without
+  leaves (optax's placeholder in ``optax.tree.map_params``) give HiZOO-L's
+  two trees too.
   """
   if count is None:
     count = max((len(h) for h in per_leaf if h is not None), default=1)
@@ -175,8 +176,7 @@ def factor_sums(factors: Factors, fn, leaves) -> dict:
   own = [(i, k) for i in live for k, f in enumerate(hess[i])
          if one_loop or not (k and f.shape == hess[i][0].shape)]
   sums = dict(zip(own, range_sums.group_sums(
-      leaves.draws, [(i, leafwise.shared_axes(hess[i][k].shape,
-                                                    shapes[i]))
+      leaves.draws, [(i, leafwise.shared_axes(hess[i][k].shape, shapes[i]))
                      for i, k in own], shapes, fn)))
   for i in live:
     for k in range(1, len(hess[i])):

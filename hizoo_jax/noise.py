@@ -25,8 +25,8 @@ rules only a known E[z^4] (:data:`FOURTH_MOMENT`).
 Every operation is a cheap integer or float operation (64 HLO instructions
 for ``x + 1e-3 z`` fused, ``benchmarks/results/noise.md``), so XLA fuses the
 generator into whatever consumes ``z``, recomputing it in each consumer
-rather than storing it. Because the index is the element's global position, the sample is
-bit-identical on any device mesh.
+rather than storing it. Because the index is the element's global position,
+the sample is bit-identical on any device mesh.
 
 A leaf may hold at most 2**32 elements (the index is 32 bits).
 """

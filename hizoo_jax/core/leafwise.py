@@ -11,6 +11,7 @@ draw into what reads it, as an Optax engineer would write them.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -105,7 +106,7 @@ class Leaves(NamedTuple):
     drawn for one consumer of its own (``after`` is for the compact
     program's ordering)."""
     def one(i, h):
-      uses = iter(range(ESTIMATE, ESTIMATE + 8))
+      uses = itertools.count(ESTIMATE)  # a consumer of its own per draw
       def draw(after=None):
         del after  # XLA orders the plain program
         use = next(uses)
